@@ -1,0 +1,22 @@
+"""The LoopLM: a transformers model whose shared block runs a per-call number of times."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stars.model.config import NORM_POSITIONS, NORM_TYPES, LoopLMConfig
+from stars.model.looplm import DepthReadout, LoopCache, LoopLM, LoopRun, causal_lm_loss
+from stars.model.norms import jacobian_safe
+
+AutoConfig.register(LoopLMConfig.model_type, LoopLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LoopLMConfig, LoopLM, exist_ok=True)
+
+__all__ = [
+    "NORM_POSITIONS",
+    "NORM_TYPES",
+    "DepthReadout",
+    "LoopCache",
+    "LoopLM",
+    "LoopLMConfig",
+    "LoopRun",
+    "causal_lm_loss",
+    "jacobian_safe",
+]

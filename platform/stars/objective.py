@@ -1,0 +1,237 @@
+"""The STARS objective: loop-depth samplers, the JSRR penalty, and the combined loss.
+
+    loss = (1 - lambda) * CE(depth t) + lambda * ||J v||^2,   t ~ LoopSampler,  lambda = 0.1 (paper)
+
+J is the Jacobian of one more application of the shared block Phi at the detached final state h*, v a
+random unit vector over the whole state tensor; `||J v||^2` (or `||J^T v||^2`) is one power-iteration
+step towards the Jacobian's spectral radius and, for isotropic v, equals ||J||_F^2 / numel(h) in
+expectation. The penalty's gradient reaches Phi's parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from stars.model.looplm import LoopLM, causal_lm_loss, check_depth
+from stars.model.norms import jacobian_safe
+
+BlockFn = Callable[[torch.Tensor], torch.Tensor]
+JsrrMode = Literal["vjp", "jvp"]
+
+
+# ---- loop samplers ------------------------------------------------------------------------------------
+class LoopSampler(Protocol):
+    """Depth for a training step. A pure function of (seed, step): every DDP rank draws the same depth
+    in a step without communicating, and a resumed run continues the same depth sequence."""
+
+    backprop_depth: int | None
+
+    def __call__(self, step: int) -> int: ...
+
+
+def _rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+@dataclass(frozen=True)
+class FixedDepth:
+    depth: int
+    backprop_depth: int | None = None
+
+    def __post_init__(self):
+        check_depth(self.depth)
+
+    def __call__(self, step: int) -> int:
+        return self.depth
+
+
+@dataclass(frozen=True)
+class LognormalDepth:
+    """STARS: t = clip(round(lognormal(mu, sigma)), min, max); mu, sigma of the underlying normal."""
+
+    mu: float = 1.7
+    sigma: float = 0.4
+    min: int = 1
+    max: int = 16
+    seed: int = 0
+    backprop_depth: int | None = None
+
+    def __post_init__(self):
+        _check_range(self.min, self.max)
+
+    def __call__(self, step: int) -> int:
+        t = round(_rng(self.seed, step).lognormal(self.mu, self.sigma))
+        return int(min(max(t, self.min), self.max))
+
+
+@dataclass(frozen=True)
+class PoissonLognormalDepth:
+    """Huginn: r = Poisson(exp(N(log(mean) - sigma^2/2, sigma))) + 1, usually with truncated backprop
+    through the last `backprop_depth` steps."""
+
+    mean: float = 8.0
+    sigma: float = 0.5
+    min: int = 1
+    max: int = 64
+    seed: int = 0
+    backprop_depth: int | None = 8
+
+    def __post_init__(self):
+        _check_range(self.min, self.max)
+
+    def __call__(self, step: int) -> int:
+        rng = _rng(self.seed, step)
+        rate = math.exp(rng.normal(math.log(self.mean) - self.sigma**2 / 2, self.sigma))
+        return int(min(max(rng.poisson(rate) + 1, self.min), self.max))
+
+
+@dataclass(frozen=True)
+class UniformDepth:
+    min: int = 1
+    max: int = 16
+    seed: int = 0
+    backprop_depth: int | None = None
+
+    def __post_init__(self):
+        _check_range(self.min, self.max)
+
+    def __call__(self, step: int) -> int:
+        return int(_rng(self.seed, step).integers(self.min, self.max + 1))
+
+
+def _check_range(low: int, high: int) -> None:
+    check_depth(low)
+    if high < low:
+        raise ValueError(f"loop sampler max={high} must be >= min={low}")
+
+
+# ---- Jacobian products ----------------------------------------------------------------------------------
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm().clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def random_unit_like(h: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """v ~ N(0, I) of h's shape, scaled to unit norm over the whole tensor."""
+    device = h.device if generator is None else generator.device
+    return _unit(torch.randn(h.shape, generator=generator, dtype=h.dtype, device=device).to(h.device))
+
+
+def jacobian_vector_product(
+    block_fn: BlockFn, h: torch.Tensor, v: torch.Tensor, mode: JsrrMode, create_graph: bool
+) -> torch.Tensor:
+    """u = J v (mode 'jvp', forward mode) or u = J^T v (mode 'vjp', reverse mode), J = dPhi/dh at h.
+
+    h is detached inside: nothing upstream of the state receives gradient. With create_graph the
+    result stays differentiable w.r.t. the parameters block_fn closes over.
+    """
+    h = h.detach()
+    with jacobian_safe():
+        if mode == "jvp":
+            _, u = torch.func.jvp(block_fn, (h,), (v,))
+            return u if create_graph else u.detach()
+        if mode == "vjp":
+            h = h.requires_grad_(True)
+            with torch.enable_grad():
+                y = block_fn(h)
+                (u,) = torch.autograd.grad(y, h, v, create_graph=create_graph)
+            return u
+    raise ValueError(f"mode={mode!r} is not allowed; expected one of vjp, jvp")
+
+
+def jsrr_penalty(
+    block_fn: BlockFn,
+    h: torch.Tensor,
+    mode: JsrrMode = "vjp",
+    power_iters: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Jacobian Spectral Radius Regularization: ||u||^2 after `power_iters` power steps from a random
+    unit v (u = J v or J^T v, v <- u / ||u|| between steps). Differentiable w.r.t. the block's
+    parameters only; the earlier power steps carry no graph (they only pick the direction)."""
+    if power_iters < 1:
+        raise ValueError(f"power_iters={power_iters} must be >= 1")
+    v = random_unit_like(h, generator)
+    for i in range(power_iters):
+        last = i == power_iters - 1
+        u = jacobian_vector_product(block_fn, h, v, mode, create_graph=last)
+        if not last:
+            v = _unit(u.detach())
+    return u.pow(2).sum()
+
+
+@torch.no_grad()
+def spectral_radius(
+    block_fn: BlockFn,
+    h: torch.Tensor,
+    iters: int = 50,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+) -> float:
+    """Diagnostic: |lambda_max| of J = dPhi/dh at h by power iteration with JVPs and a Rayleigh quotient.
+
+    Converges when the dominant eigenvalue is real and separated from the rest; stops early once the
+    estimate changes by less than `tol` (relative)."""
+    v = random_unit_like(h, generator)
+    estimate = 0.0
+    for _ in range(iters):
+        u = jacobian_vector_product(block_fn, h, v, "jvp", create_graph=False)
+        new = float((v * u).sum())  # Rayleigh quotient with unit v
+        v = _unit(u)
+        if abs(abs(new) - estimate) <= tol * max(abs(new), 1e-12):
+            return abs(new)
+        estimate = abs(new)
+    return estimate
+
+
+# ---- the STARS loss -------------------------------------------------------------------------------------
+@dataclass
+class StarsLoss:
+    total: torch.Tensor
+    ce: torch.Tensor
+    jsrr: torch.Tensor | None  # None when the penalty was not computed (weight 0)
+    logits: torch.Tensor
+
+
+def stars_loss(
+    model: LoopLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    depth: int,
+    jsrr_weight: float,
+    jsrr_mode: JsrrMode = "vjp",
+    attention_mask: torch.Tensor | None = None,
+    power_iters: int = 1,
+    jsrr_fraction: float = 1.0,
+    backprop_depth: int | None = None,
+    generator: torch.Generator | None = None,
+) -> StarsLoss:
+    """`(1 - lambda) * CE + lambda * JSRR` at `depth`. With `jsrr_weight=0` no Jacobian product runs.
+
+    `jsrr_fraction < 1` computes the penalty on a random subset of the batch's sequences: an unbiased
+    estimate of the same per-element quantity at a fraction of the cost.
+    """
+    if not 0.0 <= jsrr_weight <= 1.0:
+        raise ValueError(f"jsrr_weight={jsrr_weight} must be in [0, 1]")
+    if not 0.0 < jsrr_fraction <= 1.0:
+        raise ValueError(f"jsrr_fraction={jsrr_fraction} must be in (0, 1]")
+    run = model.run_loop(input_ids, attention_mask, depth=depth, backprop_depth=backprop_depth)
+    logits = model.logits_of(run)
+    ce = causal_lm_loss(logits, labels)
+    if jsrr_weight == 0.0:
+        return StarsLoss(total=ce, ce=ce, jsrr=None, logits=logits)
+    rows, h = None, run.h
+    batch = input_ids.shape[0]
+    if jsrr_fraction < 1.0:
+        n = max(1, math.ceil(jsrr_fraction * batch))
+        rows = torch.randperm(batch, generator=generator)[:n].to(input_ids.device)
+        h = h.index_select(0, rows)
+    penalty = jsrr_penalty(model.block_fn(run, rows), h, jsrr_mode, power_iters, generator)
+    total = (1.0 - jsrr_weight) * ce + jsrr_weight * penalty
+    return StarsLoss(total=total, ce=ce, jsrr=penalty, logits=logits)
