@@ -1,0 +1,528 @@
+"""Load a YAML job spec: every problem at once, each with file, line, dotted path and a fix.
+
+    >>> spec = load_spec("jobs/addition.yaml", ["train.lr=3e-4", "seed=1"])
+
+`load_spec` raises `SpecError` whose `problems` are `SpecProblem(file, path, line, message,
+source)` tuples, printed as
+
+    jobs/x.yaml:12: train.lr: expected a number, got 'fast'
+    jobs/x.yaml:3: resorces: unknown key; did you mean 'resources'?
+    jobs/x.yaml: --set train.lrr=1: train.lrr: unknown key; did you mean 'lr'?
+
+YAML syntax errors, a missing file and bad `--set` items are reported the same way. Pure Python
+(pydantic + yaml): importing this module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import yaml
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from stars.spec import (
+    _SECTION_NAMES,
+    JobSpec,
+    _members,
+    _set_path,
+    _unwrap,
+    check_schema_path,
+    cross_section_errors,
+    did_you_mean,
+    fill_derived_defaults,
+    resolve_spec,
+)
+
+__all__ = [
+    "SpecError",
+    "SpecProblem",
+    "apply_overrides",
+    "describe_errors",
+    "format_path",
+    "load_spec",
+    "parse_override",
+    "validate_data",
+]
+
+Loc = tuple[str | int, ...]
+
+
+class SpecProblem(NamedTuple):
+    """One problem of a spec: where (file, dotted path, line) and what (message)."""
+
+    file: str | None
+    """The spec file (None for a spec not read from a file)."""
+    path: str
+    """Dotted field path, e.g. `train.lr`, `eval.tasks.0`; "" for the whole file."""
+    line: int | None
+    """1-based YAML line, when the problem is in the file."""
+    message: str
+    """What is wrong and what was expected."""
+    source: str | None = None
+    """Where the value came from when not the file, e.g. `--set train.lr=fast`."""
+
+    def __str__(self) -> str:
+        where = self.file or "<spec>"
+        if self.source:
+            where = f"{where}: {self.source}"
+        elif self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A spec with problems; `problems` lists all of them, `str()` prints one per line."""
+
+    def __init__(self, problems: Sequence[SpecProblem]):
+        self.problems: list[SpecProblem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# ----------------------------------------------------------------------------------------- YAML
+def _walk_nodes(
+    node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list[tuple[Loc, int, str]]
+) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append((path, line, "a key must be a plain name, not a list or mapping"))
+                continue
+            key = key_node.value
+            if key in seen:
+                problems.append((path + (key,), line, f"duplicate key {key!r} (first at line {seen[key]})"))
+                continue
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk_nodes(value_node, path + (key,), lines, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk_nodes(item, path + (i,), lines, problems)
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[SpecProblem]]:
+    """(data, line of every path, problems) of a YAML document."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = ", ".join(str(x) for x in (exc.problem, exc.context) if x)
+        line = mark.line + 1 if mark is not None else None
+        if exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
+            what += f" (started at line {exc.context_mark.line + 1})"
+        return None, {}, [SpecProblem(file, "", line, f"invalid YAML: {what}")]
+    except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error is marked
+        return None, {}, [SpecProblem(file, "", None, f"invalid YAML: {exc}")]
+    finally:
+        loader.dispose()
+    lines: dict[Loc, int] = {(): 1}
+    raw: list[tuple[Loc, int, str]] = []
+    if node is not None:
+        lines[()] = node.start_mark.line + 1
+        _walk_nodes(node, (), lines, raw)
+    problems = [SpecProblem(file, _dotted(loc), line, msg) for loc, line, msg in raw]
+    return data, lines, problems
+
+
+# ------------------------------------------------------------------------------------ overrides
+_OVERRIDE = re.compile(r"^\s*([^=\s][^=]*?)\s*=(.*)$", re.S)
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """`"train.lr=3e-4"` -> `(("train", "lr"), "3e-4")`: the value is read as YAML
+    (`true`, `[1, 2]`, `{kind: fixed, depth: 4}`, `null`), then typed by the schema.
+    `sweep.grid.<dotted path>=[...]` keeps the dotted path as one grid key. Raises ValueError."""
+    m = _OVERRIDE.match(item)
+    if not m:
+        raise ValueError("expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, text = m.group(1), m.group(2).strip()
+    if key.startswith("sweep.grid.") and len(key) > len("sweep.grid."):
+        keys: tuple[str, ...] = ("sweep", "grid", key[len("sweep.grid.") :])
+    else:
+        keys = tuple(key.split("."))
+    if any(not k.strip() for k in keys):
+        raise ValueError(f"empty part in the key {key!r}")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot read the value {text!r} as YAML ({str(exc).splitlines()[0]})") from None
+    return keys, value
+
+
+def _apply_override_items(
+    data: dict[str, Any], overrides: Iterable[str], file: str | None
+) -> tuple[list[tuple[tuple[str, ...], str]], list[SpecProblem]]:
+    applied: list[tuple[tuple[str, ...], str]] = []
+    problems: list[SpecProblem] = []
+    for item in overrides:
+        source = f"--set {item}"
+        try:
+            keys, value = parse_override(item)
+        except ValueError as exc:
+            problems.append(SpecProblem(file, "", None, str(exc), source))
+            continue
+        node: Any = data
+        blocked = None
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k) if isinstance(node, dict) else None
+            if child is None:
+                break
+            if not isinstance(child, dict):
+                blocked = ".".join(keys[: i + 1])
+                break
+            node = child
+        if blocked is not None:
+            problems.append(
+                SpecProblem(file, ".".join(keys), None, f"{blocked} is a single value, not a mapping", source)
+            )
+            continue
+        _set_path(data, keys, value)
+        applied.append((keys, source))
+    return applied, problems
+
+
+# ---------------------------------------------------------------------------- error conversion
+def format_path(loc: Loc) -> str:
+    """`("eval", "tasks", 0)` -> `eval.tasks[0]`; `("sweep", "grid", "model.d_model")` ->
+    `sweep.grid['model.d_model']`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "." in part or not part:
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+_dotted = format_path
+
+
+def _discriminated_members(field: Any) -> dict[str, type[BaseModel]]:
+    """Tag -> member model of a discriminated-union field, {} for other fields."""
+    disc = getattr(field, "discriminator", None)
+    if not isinstance(disc, str):
+        return {}
+    out: dict[str, type[BaseModel]] = {}
+    for member in _members(field.annotation):
+        f = member.model_fields.get(disc)
+        if f is not None and isinstance(f.default, str):
+            out[f.default] = member
+    return out
+
+
+def _clean_loc(loc: Loc) -> tuple[Loc, list[str] | None]:
+    """Drop union tags from a pydantic error location; also return the field names allowed at
+    the level of the last element (for did-you-mean on unknown keys)."""
+    models: list[type[BaseModel]] | None = [JobSpec]
+    tags: dict[str, type[BaseModel]] = {}
+    out: list[str | int] = []
+    allowed: list[str] | None = list(JobSpec.model_fields)
+    for part in loc:
+        if isinstance(part, str) and part in tags:
+            models = [tags[part]]
+            tags = {}
+            allowed = list(models[0].model_fields)
+            continue
+        tags = {}
+        out.append(part)
+        allowed = [n for m in models for n in m.model_fields] if models else None
+        if isinstance(part, int) or not models:
+            models = None
+            continue
+        nxt: list[type[BaseModel]] = []
+        for m in models:
+            field = m.model_fields.get(part)
+            if field is None:
+                continue
+            tags.update(_discriminated_members(field))
+            nxt.extend(_members(field.annotation))
+        models = nxt or None
+    return tuple(out), allowed
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _friendly(err: Mapping[str, Any], allowed: list[str] | None, key: str | int | None) -> str:
+    """A pydantic error as 'expected ..., got ...'."""
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    got = _got(value)
+    if kind == "missing":
+        return "missing item" if isinstance(key, int) else "required field is missing"
+    if kind == "extra_forbidden":
+        hint = did_you_mean(str(key), allowed or [])
+        if not hint and allowed:
+            hint = f" (allowed: {', '.join(allowed)})"
+        return f"unknown key{hint}"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ")
+        choices = re.findall(r"'([^']*)'", expected)
+        return f"expected one of {expected}, got {got}{did_you_mean(str(value), choices)}"
+    if kind in ("float_parsing", "float_type"):
+        return f"expected a number, got {got}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected an integer, got {got}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {got}"
+    if kind in ("string_type",):
+        return f"expected a string, got {got} (quote it)"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
+        return f"expected a mapping (key: value), got {got}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected a list, got {got}"
+    comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in comparisons:
+        bound = next(iter(ctx.values()), "?")
+        noun = "an integer" if isinstance(bound, int) and isinstance(value, int) else "a number"
+        return f"expected {noun} {comparisons[kind]} {_number(bound)}, got {got}"
+    if kind == "too_short":
+        return f"expected at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return f"expected at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
+    if kind == "string_too_short":
+        return f"expected at least {ctx.get('min_length')} character(s), got {got}"
+    if kind == "string_too_long":
+        return f"expected at most {ctx.get('max_length')} characters, got {len(str(value))}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "union_tag_not_found":
+        return "required"
+    if kind == "stars_cross":
+        return str(err["msg"])
+    msg = str(err["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def _tag_error(err: Mapping[str, Any], loc: Loc) -> tuple[Loc, str]:
+    ctx = err.get("ctx") or {}
+    disc = str(ctx.get("discriminator", "")).strip("'\"")
+    expected = str(ctx.get("expected_tags", ""))
+    if not expected:
+        # union_tag_not_found has no expected tags: read them from the schema
+        field_loc, _ = _clean_loc(loc)
+        expected = ", ".join(repr(t) for t in _tags_at(field_loc))
+    if err["type"] == "union_tag_not_found":
+        return loc + (disc,), f"required: one of {expected}"
+    tag = ctx.get("tag")
+    choices = re.findall(r"'([^']*)'", expected)
+    return loc + (disc,), f"expected one of {expected}, got {tag!r}{did_you_mean(str(tag), choices)}"
+
+
+def _tags_at(path: Loc) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    field = None
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        members = _members(field.annotation)
+        if len(members) == 1:
+            model = members[0]
+    return list(_discriminated_members(field)) if field is not None else []
+
+
+def _line_for(path: Loc, lines: Mapping[Loc, int]) -> int | None:
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _source_for(
+    path: Loc, overrides: Sequence[tuple[tuple[str, ...], str]], lines: Mapping[Loc, int]
+) -> str | None:
+    for keys, source in reversed(overrides):
+        if path[: len(keys)] == keys:
+            return source
+        if keys[: len(path)] == path and path not in lines:
+            return source
+    return None
+
+
+def describe_errors(errors: Iterable[Mapping[str, Any]]) -> list[tuple[Loc, str]]:
+    """Pydantic errors as (clean path, friendly message) pairs."""
+    out = []
+    for err in errors:
+        raw_loc: Loc = tuple(err["loc"])
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            raw_loc, message = _tag_error(err, raw_loc)
+            loc, _ = _clean_loc(raw_loc)
+        else:
+            loc, allowed = _clean_loc(raw_loc)
+            message = _friendly(err, allowed, loc[-1] if loc else None)
+        out.append((loc, message))
+    return out
+
+
+def _problems(
+    errors: Iterable[Mapping[str, Any]],
+    file: str | None,
+    lines: Mapping[Loc, int],
+    overrides: Sequence[tuple[tuple[str, ...], str]],
+) -> list[SpecProblem]:
+    out: list[SpecProblem] = []
+    for loc, message in describe_errors(errors):
+        source = _source_for(loc, overrides, lines)
+        line = None if source else _line_for(loc, lines)
+        problem = SpecProblem(file, _dotted(loc), line, message, source)
+        if problem not in out:
+            out.append(problem)
+    return out
+
+
+def _partial_cross_errors(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cross-section errors among the sections that are valid on their own (so that a spec with a
+    bad field also gets its batch-size or task mismatch reported in the same run)."""
+    sections: dict[str, Any] = {}
+    for name in _SECTION_NAMES:
+        field = JobSpec.model_fields[name]
+        try:
+            if name in data:
+                adapter: TypeAdapter[Any] = TypeAdapter(_field_type(field))
+                sections[name] = adapter.validate_python(data[name])
+            elif not field.is_required():
+                sections[name] = field.get_default(call_default_factory=True)
+        except ValidationError:
+            continue
+    fill_derived_defaults(sections)
+    errors = cross_section_errors(sections)
+    if not errors:
+        return []
+    return list(ValidationError.from_exception_data("JobSpec", errors).errors())
+
+
+def _field_type(field: Any) -> Any:
+    disc = getattr(field, "discriminator", None)
+    if disc is not None:
+        return Annotated[_unwrap(field.annotation), Field(discriminator=disc)]
+    return field.annotation
+
+
+def validate_data(
+    data: Any,
+    *,
+    file: str | None = None,
+    lines: Mapping[Loc, int] | None = None,
+    overrides: Sequence[tuple[tuple[str, ...], str]] = (),
+) -> JobSpec:
+    """Validate a spec mapping into a `JobSpec` (not resolved); raise `SpecError` with every
+    problem, including cross-section ones among the valid sections."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise SpecError(
+            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {_got(data)}")]
+        )
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = list(exc.errors())
+    problems = _problems(errors, file, lines, overrides)
+    seen = {p.path for p in problems}
+    for p in _problems(_partial_cross_errors(data) + _grid_path_errors(data), file, lines, overrides):
+        if p.path not in seen:
+            problems.append(p)
+            seen.add(p.path)
+    raise SpecError(_sorted(problems))
+
+
+def _sorted(problems: list[SpecProblem]) -> list[SpecProblem]:
+    """File problems by line, then those without a line (overrides, missing file ...)."""
+    return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+
+
+def _grid_path_errors(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Unknown sweep paths, reported even when other problems keep the full sweep check from running."""
+    sweep = data.get("sweep")
+    grid = sweep.get("grid") if isinstance(sweep, dict) else None
+    if not isinstance(grid, dict):
+        return []
+    errors = []
+    for key in grid:
+        problem = check_schema_path(str(key))
+        if problem is not None:
+            errors.append({"type": "stars_cross", "loc": ("sweep", "grid", key), "msg": problem, "input": key})
+    return errors
+
+
+def load_spec(
+    path: str | Path, overrides: Sequence[str] = (), *, resolve: bool = True, cwd: str | Path | None = None
+) -> JobSpec:
+    """Read, override, validate and (by default) resolve a YAML job spec.
+
+    `overrides` are `KEY=VALUE` items (`--set`), applied in order on top of the file. Raises
+    `SpecError` listing every problem; never anything else for a user mistake.
+    """
+    file = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise SpecError([SpecProblem(file, "", None, "file not found")])
+    if p.is_dir():
+        raise SpecError([SpecProblem(file, "", None, "is a directory, not a spec file")])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecProblem(file, "", None, f"cannot read: {exc}")]) from None
+    data, lines, problems = _parse_yaml(text, file)
+    if problems and data is None:
+        raise SpecError(problems)
+    if data is None:
+        raise SpecError([SpecProblem(file, "", None, "the file is empty")])
+    if not isinstance(data, dict):
+        raise SpecError(
+            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {_got(data)}")]
+        )
+    applied, override_problems = _apply_override_items(data, overrides, file)
+    problems.extend(override_problems)
+    try:
+        spec = validate_data(data, file=file, lines=lines, overrides=applied)
+    except SpecError as exc:
+        raise SpecError(_sorted(problems + exc.problems)) from None
+    if problems:
+        raise SpecError(problems)
+    if not resolve:
+        return spec
+    try:
+        return resolve_spec(spec, cwd=cwd)
+    except ValidationError as exc:  # resolution changed a path that no longer validates
+        raise SpecError(_problems(exc.errors(), file, lines, applied)) from None
+
+
+def apply_overrides(spec: JobSpec, assignments: Mapping[str, Any] | Sequence[str]) -> JobSpec:
+    """A new spec with values replaced: `{"train.lr": 1e-3}` (values as Python objects) or
+    `["train.lr=1e-3"]` (`--set` items). Validated; raises `SpecError`."""
+    data = json.loads(json.dumps(spec.model_dump(mode="json")))
+    applied: list[tuple[tuple[str, ...], str]] = []
+    if isinstance(assignments, Mapping):
+        for key, value in assignments.items():
+            keys = ("sweep", "grid", key[11:]) if key.startswith("sweep.grid.") else tuple(key.split("."))
+            _set_path(data, keys, value)
+            applied.append((keys, f"{key}={value!r}"))
+    else:
+        applied, problems = _apply_override_items(data, assignments, None)
+        if problems:
+            raise SpecError(problems)
+    return validate_data(data, overrides=applied)
