@@ -1,0 +1,432 @@
+"""MLflow run hierarchy of STARS jobs, through `MlflowClient` and explicit run ids only.
+
+No fluent API (`mlflow.start_run`, active runs): every call names its run id, so the same code is
+safe in the Ray driver, in Ray Tune trials, in evaluation actors and in DDP workers. The caller
+decides who logs (rank 0 only); nothing here reads the rank.
+
+Layout (one experiment per `spec.experiment`):
+
+    job run            name = spec.name; params = flattened resolved spec; resolved spec artifact
+    |-- trial run      one per sweep point (tag mlflow.parentRunId); without a sweep the job run
+    |   |              is its own (only) trial: one run per training
+    |   |  metrics     train/loss, train/ce, train/jsrr, train/depth, train/lr, train/tokens_per_s
+    |   |              at step = optimizer step; eval summaries <task>/peak_acc, <task>/best_depth,
+    |   |              <task>/acc_at_{4,8,16}, <task>/drop_at_{8,16} at step = training step
+    |   `-- eval run   `eval@step=N` per evaluated checkpoint; metrics at step = depth:
+    |                  <task>/acc, dyn/hidden_norm, dyn/step_size, dyn/dist_from_start, dyn/rho
+
+(MLflow metric names may not contain `@`, hence `acc_at_4` rather than `acc@4`.)
+
+Runs are found again by the tag `stars.run_key` (job: `<name>@<spec hash>`; trial:
+`<job key>/<trial key>`; eval: `<trial key>/eval@step=N`), so a resubmitted or restarted job
+reuses its runs instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from stars.spec import (
+    default_tracking_uri,
+    flatten_params,
+    is_local_path,
+    resolved_yaml,
+    spec_hash,
+)
+
+if TYPE_CHECKING:
+    from stars.spec import JobSpec, Trial
+
+__all__ = [
+    "DYN_METRICS",
+    "SUMMARY_DEPTHS",
+    "TAG_PARENT",
+    "TAG_RUN_KEY",
+    "TRAIN_METRICS",
+    "Tracker",
+    "depth_table_csv",
+    "eval_run_name",
+    "git_info",
+    "ray_job_id",
+    "resolve_tracking_uri",
+    "summary_metrics",
+]
+
+TRAIN_METRICS = ("train/loss", "train/ce", "train/jsrr", "train/depth", "train/lr", "train/tokens_per_s")
+DYN_METRICS = ("dyn/hidden_norm", "dyn/step_size", "dyn/dist_from_start", "dyn/rho")
+SUMMARY_DEPTHS = (4, 8, 16)
+DROP_DEPTHS = (8, 16)
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_KEY = "stars.run_key"
+TAG_KIND = "stars.kind"  # job | trial | eval
+TAG_SPEC_HASH = "stars.spec_hash"
+TAG_GIT_SHA = "stars.git_sha"
+TAG_GIT_DIRTY = "stars.git_dirty"
+TAG_RAY_JOB_ID = "stars.ray_job_id"
+TAG_TRIAL = "stars.trial"
+TAG_STEP = "stars.step"
+TAG_NAME = "stars.name"
+TAG_NOTE = "mlflow.note.content"
+TAG_SOURCE_COMMIT = "mlflow.source.git.commit"
+
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+
+
+# ------------------------------------------------------------------------------------- helpers
+def resolve_tracking_uri(uri: str | None = None, cwd: str | Path | None = None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else the local store `sqlite:///<cwd>/mlflow.db`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cwd)
+
+
+def git_info(path: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit sha, dirty?) of the git checkout at `path` (default: the working directory, then
+    this package's directory). $STARS_GIT_SHA wins when set (jobs shipped without .git)."""
+    env = os.environ.get("STARS_GIT_SHA")
+    if env:
+        return env, None
+    candidates = [Path(path)] if path is not None else [Path.cwd(), Path(__file__).resolve().parent]
+    for where in candidates:
+        try:
+            sha = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+            )
+            if sha.returncode != 0:
+                continue
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+            return sha.stdout.strip(), dirty
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None, None
+
+
+def ray_job_id() -> str | None:
+    """The Ray job's submission id when running as a Ray job (entrypoint of `ray job submit`),
+    else the Ray job id of an initialised Ray driver/worker, else None. Never imports ray."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            sub = json.loads(raw).get("metadata", {}).get("job_submission_id")
+            if sub:
+                return str(sub)
+        except (ValueError, AttributeError):
+            pass
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                return str(ray.get_runtime_context().get_job_id())
+        except Exception:  # noqa: BLE001 - best effort, never fail tracking over it
+            return None
+    return None
+
+
+def eval_run_name(step: int) -> str:
+    """Name of the nested run of the checkpoint at training step `step`."""
+    return f"eval@step={int(step)}"
+
+
+def summary_metrics(task: str, acc_by_depth: Mapping[int, float]) -> dict[str, float]:
+    """Depth-curve summary of one task: `<task>/peak_acc`, `<task>/best_depth` (smallest depth
+    reaching the peak), `<task>/acc_at_{4,8,16}` and `<task>/drop_at_{8,16}` = relative drop from
+    the peak, (peak - acc) / peak (0 when the peak is 0). Depths not scored are left out."""
+    if not acc_by_depth:
+        return {}
+    accs = {int(d): float(a) for d, a in acc_by_depth.items()}
+    peak = max(accs.values())
+    best = min(d for d, a in accs.items() if a == peak)
+    out = {f"{task}/peak_acc": peak, f"{task}/best_depth": float(best)}
+    for d in SUMMARY_DEPTHS:
+        if d in accs:
+            out[f"{task}/acc_at_{d}"] = accs[d]
+    for d in DROP_DEPTHS:
+        if d in accs:
+            out[f"{task}/drop_at_{d}"] = (peak - accs[d]) / peak if peak > 0 else 0.0
+    return out
+
+
+def depth_table_csv(curves: Mapping[str, Mapping[int, float]]) -> str:
+    """Depth curves as CSV: one row per depth, one column per metric."""
+    names = list(curves)
+    depths = sorted({int(d) for c in curves.values() for d in c})
+    rows = ["depth," + ",".join(names)]
+    for d in depths:
+        cells = []
+        for n in names:
+            v = curves[n].get(d)
+            cells.append("" if v is None else repr(float(v)))
+        rows.append(f"{d}," + ",".join(cells))
+    return "\n".join(rows) + "\n"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _artifact_location(root: str | None, experiment: str) -> str | None:
+    if root is None:
+        return None
+    if is_local_path(root) and not root.startswith("file://"):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        return (Path(root).expanduser().resolve() / safe).as_uri()
+    return root.rstrip("/") + "/" + experiment
+
+
+# ------------------------------------------------------------------------------------- tracker
+class Tracker:
+    """MLflow access for one tracking store; every method takes explicit ids.
+
+    `Tracker.from_spec(spec)` uses the spec's (resolved) tracking URI. Create runs in one process
+    (the driver or rank 0) and pass the run ids on; logging from several processes to the same
+    run id is safe.
+    """
+
+    def __init__(self, uri: str | None = None, *, artifact_root: str | None = None):
+        self.uri = resolve_tracking_uri(uri)
+        self.artifact_root = artifact_root
+        if artifact_root is None and (self.uri.startswith("sqlite:") or is_local_path(self.uri)):
+            base = Path(self.uri[len("sqlite:///") :]).parent if self.uri.startswith("sqlite:///") else Path.cwd()
+            self.artifact_root = str(base / "mlruns")
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> Tracker:
+        return cls(spec.tracking.uri, artifact_root=spec.tracking.artifact_location)
+
+    # experiments and runs -----------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """Id of the experiment `name`, created (with this tracker's artifact root) if missing."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=_artifact_location(self.artifact_root, name))
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(name)  # created concurrently
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def find_run(self, experiment_id: str, run_key: str) -> str | None:
+        """Id of the oldest active run tagged `stars.run_key = run_key`, or None."""
+        key = run_key.replace("\\", "\\\\").replace("'", "\\'")
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_RUN_KEY}` = '{key}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        return runs[0].info.run_id if runs else None
+
+    def get_or_create_run(
+        self,
+        experiment_id: str,
+        run_key: str,
+        run_name: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        reuse: bool = True,
+    ) -> tuple[str, bool]:
+        """(run id, created?) of the run with this key: the existing one (marked RUNNING again,
+        tags refreshed) when `reuse`, else a new one."""
+        all_tags = {TAG_RUN_KEY: run_key, **(tags or {})}
+        if parent_run_id is not None:
+            all_tags[TAG_PARENT] = parent_run_id
+        if reuse:
+            run_id = self.find_run(experiment_id, run_key)
+            if run_id is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                self.set_tags(run_id, all_tags)
+                return run_id, False
+        run = self.client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+        return run.info.run_id, True
+
+    def start_job(
+        self,
+        spec: JobSpec,
+        *,
+        reuse: bool = True,
+        git: tuple[str | None, bool | None] | None = None,
+        ray_job: str | None = None,
+        extra_tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """The job's (parent) run: params = flattened spec, tags (spec hash, git sha, Ray job id,
+        spec.tracking.tags), the resolved spec as `spec/resolved.yaml`. Returns its run id."""
+        exp_id = self.experiment_id(spec.experiment or spec.name)
+        h = spec_hash(spec)
+        sha, dirty = git if git is not None else git_info()
+        job_id = ray_job if ray_job is not None else ray_job_id()
+        tags: dict[str, str] = {TAG_KIND: "job", TAG_SPEC_HASH: h, TAG_NAME: spec.name, **spec.tracking.tags}
+        if sha:
+            tags[TAG_GIT_SHA] = sha
+            tags[TAG_SOURCE_COMMIT] = sha
+        if dirty is not None:
+            tags[TAG_GIT_DIRTY] = str(dirty).lower()
+        if job_id:
+            tags[TAG_RAY_JOB_ID] = job_id
+        if spec.description:
+            tags[TAG_NOTE] = spec.description
+        if spec.sweep.grid:
+            tags["stars.num_trials"] = str(spec.sweep.num_trials)
+        tags.update(extra_tags or {})
+        run_id, _ = self.get_or_create_run(exp_id, f"{spec.name}@{h}", spec.name, tags=tags, reuse=reuse)
+        self.log_params(run_id, flatten_params(spec))
+        self.log_text(run_id, resolved_yaml(spec), "spec/resolved.yaml")
+        return run_id
+
+    def start_trial(self, job_run_id: str, trial: Trial, *, reuse: bool = True) -> str:
+        """The run a trial trains in. Without a sweep (`trial.assignments` empty) that is the job
+        run itself; with one, a child run named `<name>/<trial key>` with the trial's own params,
+        spec hash and resolved spec."""
+        if not trial.assignments:
+            self.set_tags(job_run_id, {TAG_TRIAL: trial.key})
+            return job_run_id
+        job = self.client.get_run(job_run_id)
+        job_key = job.data.tags.get(TAG_RUN_KEY, job_run_id)
+        inherited = {
+            k: v
+            for k, v in job.data.tags.items()
+            if k in (TAG_GIT_SHA, TAG_GIT_DIRTY, TAG_RAY_JOB_ID, TAG_SOURCE_COMMIT, TAG_NAME)
+        }
+        tags = {
+            **inherited,
+            **trial.spec.tracking.tags,
+            TAG_KIND: "trial",
+            TAG_TRIAL: trial.key,
+            TAG_SPEC_HASH: spec_hash(trial.spec),
+            **{f"stars.sweep.{k}": _tag_value(v) for k, v in trial.assignments.items()},
+        }
+        run_id, _ = self.get_or_create_run(
+            job.info.experiment_id,
+            f"{job_key}/{trial.key}",
+            f"{trial.spec.name}/{trial.key}",
+            tags=tags,
+            parent_run_id=job_run_id,
+            reuse=reuse,
+        )
+        self.log_params(run_id, flatten_params(trial.spec))
+        self.log_text(run_id, resolved_yaml(trial.spec), "spec/resolved.yaml")
+        return run_id
+
+    def start_eval(self, trial_run_id: str, step: int, *, reuse: bool = True) -> str:
+        """The nested run `eval@step=N` of the checkpoint at training step `step`."""
+        trial = self.client.get_run(trial_run_id)
+        trial_key = trial.data.tags.get(TAG_RUN_KEY, trial_run_id)
+        name = eval_run_name(step)
+        tags = {TAG_KIND: "eval", TAG_STEP: str(int(step))}
+        for k in (TAG_SPEC_HASH, TAG_GIT_SHA, TAG_TRIAL, TAG_RAY_JOB_ID, TAG_NAME):
+            if k in trial.data.tags:
+                tags[k] = trial.data.tags[k]
+        run_id, _ = self.get_or_create_run(
+            trial.info.experiment_id, f"{trial_key}/{name}", name, tags=tags, parent_run_id=trial_run_id, reuse=reuse
+        )
+        return run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark a run FINISHED (or FAILED / KILLED)."""
+        self.client.set_terminated(run_id, status=status)
+
+    # logging -------------------------------------------------------------------------------
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int, *, timestamp_ms: int | None = None
+    ) -> None:
+        """Log metrics at `step` in batches (`log_batch`); None values are skipped."""
+        ts = timestamp_ms if timestamp_ms is not None else _now_ms()
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
+        self._log_metric_objects(run_id, items)
+
+    def log_train_step(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Training metrics at step = optimizer step. Keys may be given with or without the
+        `train/` prefix (`loss` or `train/loss`)."""
+        self.log_metrics(run_id, {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step)
+
+    def log_depth_curves(self, eval_run_id: str, curves: Mapping[str, Mapping[int, float]]) -> None:
+        """Per-depth metrics with step = depth: `{"addition/acc": {1: 0.4, 2: 0.99}, "dyn/rho": {...}}`.
+        Also stores them as the artifact `depth_curves.csv`."""
+        ts = _now_ms()
+        items = [
+            Metric(name, float(v), ts, int(d)) for name, curve in curves.items() for d, v in curve.items() if v is not None
+        ]
+        self._log_metric_objects(eval_run_id, items)
+        if curves:
+            self.log_text(eval_run_id, depth_table_csv(curves), "depth_curves.csv")
+
+    def log_eval_summary(
+        self, trial_run_id: str, step: int, acc_by_task: Mapping[str, Mapping[int, float]]
+    ) -> dict[str, float]:
+        """Summary metrics of one evaluated checkpoint on the trial run at step = training step
+        (`summary_metrics` per task). Returns what was logged."""
+        out: dict[str, float] = {}
+        for task, accs in acc_by_task.items():
+            out.update(summary_metrics(task, accs))
+        self.log_metrics(trial_run_id, out, step)
+        return out
+
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Log params in batches of 100, skipping keys the run already has (params are immutable
+        in MLflow; a reused run keeps its first values)."""
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or directory (e.g. a depth-curve PNG) to the run's artifacts."""
+        path = Path(local_path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of a metric, ordered by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    def child_runs(self, run_id: str, kind: str | None = None) -> list[Any]:
+        """Direct children of a run (optionally only those with `stars.kind = kind`)."""
+        run = self.client.get_run(run_id)
+        filt = f"tags.`{TAG_PARENT}` = '{run_id}'"
+        if kind:
+            filt += f" and tags.`{TAG_KIND}` = '{kind}'"
+        return list(self.client.search_runs([run.info.experiment_id], filter_string=filt, max_results=10_000))
+
+    def _log_metric_objects(self, run_id: str, items: Sequence[Metric] | Iterable[Metric]) -> None:
+        items = list(items)
+        for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
+
+
+def _tag_value(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return text[:5000]
