@@ -1,0 +1,80 @@
+"""Every job spec in jobs/ validates, and the named jobs say what they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stars.spec import JobSpec, spec_warnings, sweep_trials
+from stars.spec_loader import load_spec
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOB_FILES = sorted(JOBS.glob("*.yaml")) + sorted(JOBS.glob("*.yml"))
+
+
+def load(name: str) -> JobSpec:
+    return load_spec(JOBS / name)
+
+
+def test_the_named_jobs_exist():
+    names = {p.name for p in JOB_FILES}
+    assert {"addition.yaml", "addition-fixed-depth.yaml", "norm-study.yaml", "ouro-numina.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_job_validates(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem, "the job name should match its file name"
+    assert spec_warnings(spec) == []
+
+
+def test_addition_is_the_quick_stars_cpu_job():
+    spec = load("addition.yaml")
+    m = spec.model
+    assert (m.source, m.d_model, m.n_heads, m.n_block) == ("looplm", 64, 4, 2)
+    assert (m.norm.type, m.norm.position) == ("layernorm", "post_sandwich")
+    assert (m.injection, m.positions) == ("add", "learned")
+    ls = spec.stars.loop_sampling
+    assert (ls.kind, ls.mu, ls.sigma, ls.min, ls.max) == ("lognormal", 1.7, 0.4, 1, 16)
+    assert (spec.stars.jsrr.weight, spec.stars.jsrr.mode) == (0.1, "vjp")
+    t = spec.train
+    assert (t.global_batch_size, t.lr, t.schedule, t.warmup_steps) == (128, 3e-3, "cosine", 100)
+    assert 1200 <= t.max_steps <= 1500
+    assert spec.resources.num_workers == 1 and not spec.resources.use_gpu
+    assert spec.eval.tasks == ["addition"] and spec.eval.depths == list(range(1, 17))
+    assert not spec.sweep.grid
+
+
+def test_fixed_depth_baseline():
+    spec = load("addition-fixed-depth.yaml")
+    assert spec.model.norm.position == "pre"
+    assert spec.stars.loop_sampling.kind == "fixed" and spec.stars.loop_sampling.depth == 4
+    assert not spec.stars.jsrr.enabled
+
+
+def test_norm_study_covers_all_twelve_structures_at_depth_four():
+    trials = sweep_trials(load("norm-study.yaml"))
+    combos = {(t.spec.model.norm.position, t.spec.model.norm.type) for t in trials}
+    assert len(trials) == 12 and len(combos) == 12
+    assert {p for p, _ in combos} == {"pre", "post", "pre_sandwich", "post_sandwich"}
+    assert {n for _, n in combos} == {"layernorm", "rmsnorm", "simplenorm"}
+    assert all(t.spec.stars.loop_sampling.kind == "fixed" and t.spec.stars.loop_sampling.depth == 4 for t in trials)
+
+
+def test_ouro_numina_is_the_paper_recipe():
+    spec = load("ouro-numina.yaml")
+    assert spec.model.source == "ouro" and spec.model.pretrained == "ByteDance/Ouro-1.4B"
+    assert spec.model.dtype == "float32"  # fp32 master weights
+    r = spec.resources
+    assert (r.use_gpu, r.accelerator_type, r.num_workers) == (True, "A800", 32)
+    t = spec.train
+    assert (t.precision, t.schedule, t.lr, t.global_batch_size, t.epochs) == ("bf16", "wsd", 1e-6, 256, 1)
+    assert (t.warmup_fraction, t.decay_fraction, t.min_lr_ratio) == (0.1, 0.1, 0.001)
+    assert spec.grad_accum_steps == 8
+    d = spec.data
+    assert (d.task, d.dataset, d.num_samples, d.shuffle_seed, d.max_seq_len) == (
+        "math_sft", "AI-MO/NuminaMath-1.5", 400_000, 74, 2048,
+    )
+    assert set(spec.eval.tasks) == {"gsm8k", "math500", "asdiv", "svamp", "amc23"}
+    assert spec.eval.depths == list(range(1, 17))
