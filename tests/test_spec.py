@@ -507,3 +507,18 @@ def test_warnings_for_likely_mistakes():
     assert any("resources.storage_path" in w for w in warnings)
     assert any("tracking.uri" in w for w in warnings)
     assert spec_warnings(local) == []
+
+
+def test_spec_task_names_match_the_task_registry():
+    benchmarks = pytest.importorskip("stars.tasks.benchmarks")
+    from stars.spec import EVAL_TASKS, MATH_BENCHMARKS
+
+    assert set(MATH_BENCHMARKS) == set(benchmarks.BENCHMARKS)
+    assert set(EVAL_TASKS) == {"addition", *benchmarks.BENCHMARKS}
+
+
+def test_addition_sequence_length_matches_the_task_tokenizer():
+    addition = pytest.importorskip("stars.tasks.addition")
+    for digits in (1, 4, 7):
+        spec = spec_of(data={"task": "addition", "digits": digits})
+        assert spec.data.max_seq_len() == addition.AdditionTokenizer(digits).max_length
