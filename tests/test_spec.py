@@ -332,7 +332,7 @@ def test_errors_inside_a_union_member_and_bad_tags(tmp_path):
     p = write(tmp_path, "name: t\ndata:\n  task: addition\n  digts: 3\ntrain: {max_steps: 5}\n")
     (problem,) = problems_of(p)
     assert (problem.path, problem.line) == ("data.digts", 4)
-    assert "did you mean 'digits'?" in problem.message
+    assert problem.message == "unknown key for task 'addition'; did you mean 'digits'?"
     p = write(tmp_path, "name: t\ndata: {task: addtion}\ntrain: {max_steps: 5}\n")
     (problem,) = problems_of(p)
     assert problem.path == "data.task" and "did you mean 'addition'?" in problem.message

@@ -220,21 +220,27 @@ def _discriminated_members(field: Any) -> dict[str, type[BaseModel]]:
     return out
 
 
-def _clean_loc(loc: Loc) -> tuple[Loc, list[str] | None]:
-    """Drop union tags from a pydantic error location; also return the field names allowed at
-    the level of the last element (for did-you-mean on unknown keys)."""
+def _clean_loc(loc: Loc) -> tuple[Loc, list[str] | None, str | None]:
+    """Drop union tags from a pydantic error location. Also returns the field names allowed at
+    the level of the last element (for did-you-mean on unknown keys) and, when that level is a
+    union member, which one (`"kind 'fixed'"`)."""
     models: list[type[BaseModel]] | None = [JobSpec]
     tags: dict[str, type[BaseModel]] = {}
+    disc: str | None = None
     out: list[str | int] = []
     allowed: list[str] | None = list(JobSpec.model_fields)
+    member: str | None = None
+    context: str | None = None
     for part in loc:
         if isinstance(part, str) and part in tags:
             models = [tags[part]]
             tags = {}
             allowed = list(models[0].model_fields)
+            member = f"{disc} {part!r}"
             continue
         tags = {}
         out.append(part)
+        context, member = member, None
         allowed = [n for m in models for n in m.model_fields] if models else None
         if isinstance(part, int) or not models:
             models = None
@@ -245,9 +251,10 @@ def _clean_loc(loc: Loc) -> tuple[Loc, list[str] | None]:
             if field is None:
                 continue
             tags.update(_discriminated_members(field))
+            disc = getattr(field, "discriminator", None)
             nxt.extend(_members(field.annotation))
         models = nxt or None
-    return tuple(out), allowed
+    return tuple(out), allowed, context
 
 
 def _got(value: Any) -> str:
@@ -265,7 +272,9 @@ def _number(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _friendly(err: Mapping[str, Any], allowed: list[str] | None, key: str | int | None) -> str:
+def _friendly(
+    err: Mapping[str, Any], allowed: list[str] | None, key: str | int | None, context: str | None = None
+) -> str:
     """A pydantic error as 'expected ..., got ...'."""
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -277,7 +286,7 @@ def _friendly(err: Mapping[str, Any], allowed: list[str] | None, key: str | int 
         hint = did_you_mean(str(key), allowed or [])
         if not hint and allowed:
             hint = f" (allowed: {', '.join(allowed)})"
-        return f"unknown key{hint}"
+        return f"unknown key for {context}{hint}" if context else f"unknown key{hint}"
     if kind == "literal_error":
         expected = str(ctx.get("expected", "")).replace(" or ", ", ")
         choices = re.findall(r"'([^']*)'", expected)
@@ -323,7 +332,7 @@ def _tag_error(err: Mapping[str, Any], loc: Loc) -> tuple[Loc, str]:
     expected = str(ctx.get("expected_tags", ""))
     if not expected:
         # union_tag_not_found has no expected tags: read them from the schema
-        field_loc, _ = _clean_loc(loc)
+        field_loc, _, _ = _clean_loc(loc)
         expected = ", ".join(repr(t) for t in _tags_at(field_loc))
     if err["type"] == "union_tag_not_found":
         return loc + (disc,), f"required: one of {expected}"
@@ -370,10 +379,10 @@ def describe_errors(errors: Iterable[Mapping[str, Any]]) -> list[tuple[Loc, str]
         raw_loc: Loc = tuple(err["loc"])
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             raw_loc, message = _tag_error(err, raw_loc)
-            loc, _ = _clean_loc(raw_loc)
+            loc, _, _ = _clean_loc(raw_loc)
         else:
-            loc, allowed = _clean_loc(raw_loc)
-            message = _friendly(err, allowed, loc[-1] if loc else None)
+            loc, allowed, context = _clean_loc(raw_loc)
+            message = _friendly(err, allowed, loc[-1] if loc else None, context)
         out.append((loc, message))
     return out
 
