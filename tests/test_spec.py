@@ -326,6 +326,9 @@ def test_five_mistakes_give_five_problems_with_lines_and_hints(tmp_path):
         f"{p}:11: stars.jsrr.mode: expected one of 'vjp', 'jvp', got 'vjpp'; did you mean 'vjp'?",
         f"{p}:12: resorces: unknown key; did you mean 'resources'?",
     ]
+    file, path, line, message = problems[0]  # a problem is the tuple (file, dotted path, line, message)
+    assert (file, path, line, message) == (str(p), "data.digits", 4, "expected an integer >= 1, got 0")
+    assert problems[0].source is None
 
 
 def test_errors_inside_a_union_member_and_bad_tags(tmp_path):

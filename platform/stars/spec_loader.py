@@ -51,19 +51,32 @@ __all__ = [
 Loc = tuple[str | int, ...]
 
 
-class SpecProblem(NamedTuple):
-    """One problem of a spec: where (file, dotted path, line) and what (message)."""
-
+class _Problem(NamedTuple):
     file: str | None
     """The spec file (None for a spec not read from a file)."""
     path: str
-    """Dotted field path, e.g. `train.lr`, `eval.tasks.0`; "" for the whole file."""
+    """Dotted field path, e.g. `train.lr`, `eval.tasks[0]`; "" for the whole file."""
     line: int | None
     """1-based YAML line, when the problem is in the file."""
     message: str
     """What is wrong and what was expected."""
-    source: str | None = None
-    """Where the value came from when not the file, e.g. `--set train.lr=fast`."""
+
+
+class SpecProblem(_Problem):
+    """One problem of a spec: the tuple `(file, dotted path, line, message)`, plus `source`, where
+    the value came from when not the file (e.g. `--set train.lr=fast`)."""
+
+    source: str | None
+
+    def __new__(
+        cls, file: str | None, path: str, line: int | None, message: str, source: str | None = None
+    ) -> SpecProblem:
+        self = super().__new__(cls, file, path, line, message)
+        self.source = source
+        return self
+
+    def __repr__(self) -> str:
+        return f"SpecProblem({self.file!r}, {self.path!r}, {self.line!r}, {self.message!r}, source={self.source!r})"
 
     def __str__(self) -> str:
         where = self.file or "<spec>"
