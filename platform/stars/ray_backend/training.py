@@ -1,0 +1,136 @@
+"""One training run (a trial) on Ray Train: `TorchTrainer` around `stars.train.train_loop`.
+
+The run name is deterministic (`<job name>-<spec hash>` or the trial key), so starting the same job
+again resumes from its latest committed checkpoint (Ray Train V2 restores a run by name+storage),
+and `FailureConfig(max_failures)` restarts failed workers from the last checkpoint within a run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from stars.spec import JobSpec, spec_hash
+from stars.train import TrainHooks, WorkerContext, train_loop
+
+
+@dataclass
+class TrialResult:
+    run_name: str
+    storage_dir: str
+    checkpoint_path: str | None
+    metrics: dict[str, Any]
+
+
+def run_name_for(spec: JobSpec, trial_key: str | None = None) -> str:
+    return f"{spec.name}-{trial_key}" if trial_key else f"{spec.name}-{spec_hash(spec)[:10]}"
+
+
+def scaling_config(spec: JobSpec) -> ScalingConfig:
+    res = spec.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker, **res.resources_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker if res.gpus_per_worker is not None else 1.0
+    return ScalingConfig(
+        num_workers=res.num_workers,
+        use_gpu=res.use_gpu,
+        accelerator_type=res.accelerator_type,
+        resources_per_worker=per_worker,
+        placement_strategy=res.placement_strategy,
+    )
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    worker = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+
+    tracker, run_id = None, config.get("run_id")
+    if rank == 0 and run_id:
+        from stars.tracking import Tracker
+
+        tracker = Tracker(config["tracking_uri"], artifact_root=config.get("artifact_root"))
+
+    def last_logged() -> int:
+        history = tracker.metric_history(run_id, "train/loss") if tracker else []
+        return max((s for s, _ in history), default=0)
+
+    def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
+        name = f"step_{int(metrics['step']):07d}"
+        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         validation=bool(config.get("validate")) and checkpoint is not None)
+        if ckpt_dir:  # now persisted in storage; the local copy is no longer needed
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    unused = spec.stars.loop_sampling.kind == "poisson_lognormal" or bool(spec.model.exit_gate)
+    hooks = TrainHooks(
+        prepare_model=lambda m: ray.train.torch.prepare_model(
+            m, parallel_strategy_kwargs={"find_unused_parameters": unused}
+        ),
+        report=report,
+        log_metrics=(lambda metrics, step: tracker.log_train_step(run_id, step, metrics)) if tracker else None,
+        last_logged_step=last_logged,
+        console=lambda line: print(line, flush=True),
+    )
+    scratch = tempfile.mkdtemp(prefix="stars-ckpt-")
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            train_loop(spec, worker, hooks, checkpoint_root=scratch)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                train_loop(spec, worker, hooks, resume_dir=resume_dir, checkpoint_root=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_trial(
+    spec: JobSpec,
+    *,
+    run_id: str | None = None,
+    trial_key: str | None = None,
+    validation_config: Any = None,
+) -> TrialResult:
+    """Train one spec on Ray Train and wait for it. The spec must be resolved (absolute paths)."""
+    name = run_name_for(spec, trial_key)
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "run_id": run_id,
+        "tracking_uri": spec.tracking.uri,
+        "artifact_root": spec.tracking.artifact_location,
+        "validate": validation_config is not None,
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(spec),
+        torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=spec.resources.storage_path,
+            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": dict(spec.resources.env_vars)} if spec.resources.env_vars else None,
+        ),
+        validation_config=validation_config,
+    )
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    return TrialResult(
+        run_name=name,
+        storage_dir=os.path.join(spec.resources.storage_path, name),
+        checkpoint_path=ckpt.path if ckpt is not None else None,
+        metrics=dict(result.metrics or {}),
+    )

@@ -1,0 +1,88 @@
+"""The job driver: `python -m stars.run JOB.yaml [--set k=v ...]`. The same code runs on a laptop
+(embedded local Ray) and as a Ray Jobs entrypoint on a cluster.
+
+One MLflow run per job; one trial per sweep point (a child run), each trained by Ray Train.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stars.spec import JobSpec
+
+
+@dataclass
+class JobResult:
+    job_run_id: str | None
+    tracking_uri: str | None
+    trials: list = field(default_factory=list)  # ray_backend.training.TrialResult
+    wall_seconds: float = 0.0
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:
+    """Run every trial of the job on Ray Train, tracked in MLflow (rank 0 / this driver only)."""
+    from stars.ray_backend.cluster import ensure_ray
+    from stars.ray_backend.training import run_trial
+    from stars.spec import resolve_spec, sweep_trials
+    from stars.tracking import Tracker
+
+    start = time.perf_counter()
+    spec = resolve_spec(spec)
+    tracker = Tracker.from_spec(spec) if spec.tracking.enabled else None
+    ensure_ray(address)
+    job_run = tracker.start_job(spec) if tracker else None
+    if tracker:
+        console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")
+    result = JobResult(job_run, spec.tracking.uri if tracker else None)
+    try:
+        trials = sweep_trials(spec)
+        for trial in trials:
+            if len(trials) > 1:
+                console(f"[stars] trial {trial.index + 1}/{len(trials)}: {trial.key}")
+            trial_run = tracker.start_trial(job_run, trial) if tracker else None
+            outcome = run_trial(
+                trial.spec, run_id=trial_run, trial_key=trial.key if trial.assignments else None
+            )
+            result.trials.append(outcome)
+            if tracker:
+                tracker.set_tags(trial_run, {"stars.checkpoint": outcome.checkpoint_path or "",
+                                             "stars.ray_run": outcome.run_name})
+                if trial_run != job_run:
+                    tracker.end(trial_run)
+            console(f"[stars] {trial.key}: final checkpoint {outcome.checkpoint_path}")
+    except BaseException:
+        if tracker:
+            tracker.end(job_run, "FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        raise
+    if tracker:
+        tracker.end(job_run)
+    result.wall_seconds = time.perf_counter() - start
+    console(f"[stars] job {spec.name!r} done in {result.wall_seconds:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from stars.spec_loader import SpecError, load_spec
+
+    parser = argparse.ArgumentParser(prog="python -m stars.run", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    parser.add_argument("--address", default=None)
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    run_job(spec, address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The per-worker STARS training loop: pure PyTorch; Ray and MLflow reach it only through `TrainHooks`.
+
+Everything a step does is a function of (spec, step): the depth comes from the loop sampler, the
+batch rows from a seeded permutation per epoch, and dropout/JSRR randomness from a generator seeded by
+(seed, step, rank). A run resumed from a checkpoint therefore repeats nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stars.model import LoopLM, LoopLMConfig
+from stars.objective import (
+    FixedDepth,
+    LognormalDepth,
+    LoopSampler,
+    PoissonLognormalDepth,
+    UniformDepth,
+    stars_loss,
+)
+from stars.spec import JobSpec
+
+TRAINER_STATE = "trainer_state.pt"
+TASK_FILE = "stars_task.json"
+MODEL_DIR = "model"
+
+
+# ---- what a worker is given --------------------------------------------------------------------------
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class TrainHooks:
+    """The loop's only ways out. The Ray layer fills these; the defaults run in a plain process."""
+
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. wrap in DDP
+    report: Callable[[dict[str, float], str | None], None] = lambda metrics, ckpt_dir: None
+    log_metrics: Callable[[dict[str, float], int], None] | None = None  # rank 0 only (MLflow)
+    last_logged_step: Callable[[], int] = lambda: 0  # metrics up to here are already in the store
+    console: Callable[[str], None] = print
+
+
+# ---- building blocks from the spec ----------------------------------------------------------------------
+@dataclass
+class TaskBundle:
+    """What training needs from a task: data, vocabulary facts, and how to describe it in a checkpoint."""
+
+    train_data: Any  # docs/interfaces.md contract: len() and batch(indices)
+    vocab_size: int
+    pad_token_id: int
+    eos_token_id: int
+    bos_token_id: int | None
+    description: dict[str, Any]  # saved as stars_task.json so a checkpoint can be scored alone
+    tokenizer: Any = None  # a transformers tokenizer to save beside the model (math tasks)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_task(spec: JobSpec) -> TaskBundle:
+    data = spec.data
+    if data.task == "addition":
+        from stars.tasks.addition import build_addition_task
+
+        task = build_addition_task(
+            train_size=data.num_train,
+            test_size=data.num_test,
+            digits=data.digits,
+            seed=data.seed,
+            train_file=data.train_file,
+            test_file=data.test_file,
+        )
+        tok = task.tokenizer
+        desc = {"task": "addition", "digits": data.digits, "num_test": data.num_test, "seed": data.seed,
+                "test_file": data.test_file}
+        return TaskBundle(task.train_data(), tok.vocab_size, tok.pad_token_id, tok.eos_token_id, None, desc,
+                          extra={"addition": task})
+    if data.task == "math_sft":
+        from stars.tasks.math_sft import build_sft_data, load_tokenizer
+
+        tokenizer = load_tokenizer(data.tokenizer or spec.model.pretrained)
+        sft = build_sft_data(
+            tokenizer, data.dataset, split=data.split, config=data.config,
+            problem_column=data.problem_column, solution_column=data.solution_column,
+            seed=data.shuffle_seed, num_samples=data.num_samples, max_seq_len=data.max_seq_len,
+            overlong=data.length_policy, system_prompt=data.system_prompt, num_proc=data.num_proc,
+        )
+        pad = sft.pad_token_id
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else (
+            tokenizer.eos_token_id
+        )
+        desc = {"task": "math_sft", "dataset": data.dataset}
+        return TaskBundle(sft, len(tokenizer), pad, eos, tokenizer.bos_token_id, desc, tokenizer=tokenizer)
+    raise ValueError(f"data.task={data.task!r} has no training data builder")
+
+
+def build_model(spec: JobSpec, task: TaskBundle) -> LoopLM:
+    """A new LoopLM from the spec's architecture, or a saved checkpoint (kept in fp32 for training:
+    fp32 master weights; `train.precision: bf16` autocasts the compute)."""
+    m = spec.model
+    if m.source == "looplm":
+        torch.manual_seed(spec.seed)
+        cfg = LoopLMConfig(vocab_size=task.vocab_size, pad_token_id=task.pad_token_id,
+                           eos_token_id=task.eos_token_id, bos_token_id=task.bos_token_id,
+                           **m.looplm_config_kwargs())
+        return LoopLM(cfg)
+    if m.source == "pretrained":
+        return LoopLM.from_pretrained(m.pretrained, dtype=torch.float32)
+    from stars.model.ouro import load_ouro  # noqa: PLC0415  (another issue: Ouro weight mapping)
+
+    return load_ouro(m.pretrained, trust_remote_code=m.trust_remote_code, dtype=torch.float32)
+
+
+def build_sampler(spec: JobSpec) -> LoopSampler:
+    ls = spec.stars.loop_sampling
+    seed = spec.seed
+    if ls.kind == "fixed":
+        return FixedDepth(ls.depth)
+    if ls.kind == "lognormal":
+        return LognormalDepth(ls.mu, ls.sigma, ls.min, ls.max, seed)
+    if ls.kind == "poisson_lognormal":
+        return PoissonLognormalDepth(ls.mean, ls.sigma, ls.min, ls.max, seed, ls.backprop_depth)
+    if ls.kind == "uniform":
+        return UniformDepth(ls.min, ls.max, seed)
+    raise ValueError(f"stars.loop_sampling.kind={ls.kind!r} is unknown")
+
+
+def total_steps(spec: JobSpec, n_train: int) -> int:
+    if spec.train.max_steps is not None:
+        return spec.train.max_steps
+    return spec.train.epochs * math.ceil(n_train / spec.train.global_batch_size)
+
+
+def lr_multiplier(spec: JobSpec, steps: int) -> Callable[[int], float]:
+    """LR factor at optimizer step s (0-based): linear warmup, then constant / cosine / warmup-stable-decay."""
+    tr = spec.train
+    warmup = tr.warmup_steps or int(tr.warmup_fraction * steps)
+    floor = tr.min_lr_ratio
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if tr.schedule == "constant":
+            return 1.0
+        if tr.schedule == "cosine":
+            progress = min(1.0, (s - warmup) / max(1, steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = max(1, int(tr.decay_fraction * steps))  # wsd
+        start = steps - decay
+        if s < start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(1.0, (s - start + 1) / decay)
+
+    return factor
+
+
+class BatchPlan:
+    """Rows of each (step, micro-batch, rank): consecutive slices of an endless stream of seeded
+    per-epoch permutations. A pure function of the step, so resuming needs no data-loader state."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, micro_batch: int, world_size: int):
+        self.n, self.seed = n, seed
+        self.global_batch, self.micro_batch, self.world_size = global_batch, micro_batch, world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def rows(self, step: int, micro: int, rank: int) -> list[int]:
+        start = step * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
+        out = []
+        for pos in range(start, start + self.micro_batch):
+            epoch, offset = divmod(pos, self.n)
+            out.append(int(self._perm(epoch)[offset]))
+        return out
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, model: LoopLM, optimizer, scheduler, state: dict, task: TaskBundle):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path / MODEL_DIR)
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(path / MODEL_DIR)
+    (path / TASK_FILE).write_text(json.dumps(task.description, indent=2))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
+               path / TRAINER_STATE)
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+class StarsObjective(nn.Module):
+    """The STARS loss as a module, so DDP wraps one `forward` (its gradient hooks need that)."""
+
+    def __init__(self, model: LoopLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], *, depth: int, jsrr_weight: float, jsrr_mode: str,
+                jsrr_fraction: float, power_iters: int, backprop_depth: int | None,
+                generator: torch.Generator):
+        out = stars_loss(self.model, batch["input_ids"], batch["labels"], depth=depth, jsrr_weight=jsrr_weight,
+                         jsrr_mode=jsrr_mode, attention_mask=batch.get("attention_mask"),
+                         power_iters=power_iters, jsrr_fraction=jsrr_fraction, backprop_depth=backprop_depth,
+                         generator=generator)
+        jsrr = out.jsrr if out.jsrr is not None else torch.zeros((), device=out.ce.device)
+        return out.total, out.ce.detach(), jsrr.detach()
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    final_loss: float
+    first_loss: float
+    resumed_from: int
+    history: list[tuple[int, int]]  # (step, depth) of every optimizer step of the whole run
+    checkpoint_dir: str | None = None
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.default_rng([seed, step, rank]).integers(2**62))
+
+
+def train_loop(
+    spec: JobSpec,
+    worker: WorkerContext | None = None,
+    hooks: TrainHooks | None = None,
+    resume_dir: str | Path | None = None,
+    checkpoint_root: str | Path | None = None,
+) -> TrainSummary:
+    """Train per the spec on this worker. `resume_dir`: a checkpoint to continue from.
+    `checkpoint_root`: where this worker writes checkpoints before reporting them (rank 0 only)."""
+    worker = worker or WorkerContext()
+    hooks = hooks or TrainHooks()
+    tr, js = spec.train, spec.stars.jsrr
+    task = build_task(spec)
+    model = build_model(spec, task) if resume_dir is None else LoopLM.from_pretrained(
+        Path(resume_dir) / MODEL_DIR, dtype=torch.float32
+    )
+    if tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(worker.device).train()
+    objective = hooks.prepare_model(StarsObjective(model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps,
+                                  weight_decay=tr.weight_decay)
+    steps = total_steps(spec, len(task.train_data))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(spec, steps))
+    sampler = build_sampler(spec)
+    micro = tr.micro_batch_size or tr.global_batch_size // worker.world_size
+    accum = tr.global_batch_size // (micro * worker.world_size)
+    plan = BatchPlan(len(task.train_data), spec.seed, tr.global_batch_size, micro, worker.world_size)
+
+    start, history = 0, []
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["step"], list(state["history"])
+        hooks.console(f"[stars] resumed from step {start} ({resume_dir})")
+    logged_until = hooks.last_logged_step() if worker.rank == 0 else 0
+    autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16")
+    first_loss = last_loss = float("nan")
+    window_tokens, window_start, last_ckpt = 0, time.perf_counter(), None
+
+    for step in range(start, steps):
+        depth = sampler(step)
+        gen = torch.Generator().manual_seed(_step_seed(spec.seed, step, worker.rank))
+        torch.manual_seed(_step_seed(spec.seed + 1, step, worker.rank))  # dropout
+        jsrr_weight = js.weight if step >= js.start_step else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(3)
+        for m in range(accum):
+            batch = {k: v.to(worker.device) for k, v in task.train_data.batch(plan.rows(step, m, worker.rank)).items()}
+            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            sync = m == accum - 1 or not hasattr(objective, "no_sync")
+            ctx = objective.no_sync() if not sync else _nullcontext()
+            with ctx, autocast:
+                total, ce, jsrr = objective(batch, depth=depth, jsrr_weight=jsrr_weight, jsrr_mode=js.mode,
+                                            jsrr_fraction=js.batch_fraction, power_iters=js.power_iters,
+                                            backprop_depth=sampler.backprop_depth, generator=gen)
+                (total / accum).backward()
+            loss_sum += torch.stack([total.detach().float().cpu(), ce.float().cpu(), jsrr.float().cpu()]) / accum
+        if tr.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        history.append((done, depth))
+        last_loss = float(loss_sum[0])
+        if step == start:
+            first_loss = last_loss
+
+        if done % tr.log_every == 0 or done == steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "train/loss": last_loss, "train/ce": float(loss_sum[1]), "train/jsrr": float(loss_sum[2]),
+                "train/depth": float(depth), "train/lr": lr,
+                "train/tokens_per_s": window_tokens * worker.world_size / max(elapsed, 1e-9),
+                "train/epoch": plan.epoch_of(done),
+            }
+            window_tokens, window_start = 0, time.perf_counter()
+            if worker.rank == 0:
+                if hooks.log_metrics is not None and done > logged_until:
+                    hooks.log_metrics(metrics, done)
+                hooks.console(
+                    f"[stars] step {done}/{steps} depth {depth:2d} loss {metrics['train/loss']:.4f} "
+                    f"ce {metrics['train/ce']:.4f} jsrr {metrics['train/jsrr']:.4f} lr {lr:.2e} "
+                    f"{metrics['train/tokens_per_s']:,.0f} tok/s"
+                )
+        every = tr.checkpoint_every
+        if (every and done % every == 0) or done == steps:
+            ckpt_dir = None
+            if worker.rank == 0:
+                root = Path(checkpoint_root or os.path.join(spec.resources.storage_path, spec.name, "local"))
+                ckpt_dir = str(root / f"step_{done:07d}")
+                state = {"step": done, "history": history, "depth": depth, "loss": last_loss}
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, task)
+                last_ckpt = ckpt_dir
+            hooks.report({"step": done, "train/loss": last_loss, "train/depth": depth}, ckpt_dir)
+
+    return TrainSummary(steps=steps, final_loss=last_loss, first_loss=first_loss, resumed_from=start,
+                        history=history, checkpoint_dir=last_ckpt)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
