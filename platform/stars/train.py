@@ -195,6 +195,9 @@ class BatchPlan:
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, model: LoopLM, optimizer, scheduler, state: dict, task: TaskBundle):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint drowns the progress lines
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path / MODEL_DIR)

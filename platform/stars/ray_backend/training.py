@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +83,9 @@ def train_worker(config: dict[str, Any]) -> None:
         report=report,
         log_metrics=(lambda metrics, step: tracker.log_train_step(run_id, step, metrics)) if tracker else None,
         last_logged_step=last_logged,
-        console=lambda line: print(line, flush=True),
+        # Ray Train V2 tees print() when a library wrapped sys.stdout (twice the lines); the raw stream
+        # reaches the driver once.
+        console=lambda line: print(line, file=sys.__stdout__, flush=True),
     )
     scratch = tempfile.mkdtemp(prefix="stars-ckpt-")
     try:
