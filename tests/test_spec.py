@@ -446,6 +446,10 @@ def test_resolution_makes_places_explicit(tmp_path, monkeypatch):
     assert resolve_spec(spec_of()).tracking.artifact_location is None
     remote = spec_of(resources={"storage_path": "s3://bucket/stars"})
     assert resolve_spec(remote).resources.storage_path == "s3://bucket/stars"
+    assert resolve_spec(spec_of(tracking={"uri": "databricks"})).tracking.uri == "databricks"
+    assert resolve_spec(spec_of(tracking={"uri": "sqlite:///rel.db"}), cwd=tmp_path).tracking.uri == (
+        f"sqlite:///{tmp_path.resolve()}/rel.db"
+    )
 
 
 def test_resolved_yaml_round_trips(tmp_path):
@@ -454,6 +458,14 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert text.startswith(f"# resolved STARS job spec; spec_hash {spec_hash(spec)}")
     again = load_spec(write(tmp_path, text, "resolved.yaml"))
     assert again == spec and spec_hash(again) == spec_hash(spec)
+
+
+def test_resolved_yaml_for_mlflow_hides_secrets():
+    spec = spec_of(resources={"env_vars": {"HF_TOKEN": "hf_abc", "OMP_NUM_THREADS": "2"}})
+    assert "hf_abc" in resolved_yaml(spec)  # what the job itself runs
+    logged = resolved_yaml(spec, redact=True)
+    assert "hf_abc" not in logged
+    assert yaml.safe_load(logged)["resources"]["env_vars"] == {"HF_TOKEN": "<redacted>", "OMP_NUM_THREADS": "2"}
 
 
 def test_spec_hash_ignores_where_and_tracks_what():

@@ -121,7 +121,11 @@ def test_job_run_has_flattened_params_tags_and_the_resolved_spec(tracker, store,
     assert tags["stars.ray_job_id"] == "raysubmit_7"
     assert tags["team"] == "x" and tags[TAG_KIND] == "job"
     assert tags[TAG_RUN_KEY] == f"job-a@{spec_hash(spec)}"
-    saved = yaml.safe_load(read_artifact(tracker, run_id, "spec/resolved.yaml"))
+    text = read_artifact(tracker, run_id, "spec/resolved.yaml")
+    assert "hf_topsecret" not in text
+    saved = yaml.safe_load(text)
+    assert saved["resources"]["env_vars"] == {"HF_TOKEN": "<redacted>"}
+    saved["resources"]["env_vars"]["HF_TOKEN"] = "hf_topsecret"
     assert JobSpec.model_validate(saved) == spec
     assert run.info.artifact_uri.startswith((store / "mlruns").as_uri())
 

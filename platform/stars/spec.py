@@ -78,6 +78,7 @@ __all__ = [
     "default_tracking_uri",
     "flatten_params",
     "is_local_path",
+    "is_local_store",
     "load_spec",
     "parse_depths",
     "resolve_spec",
@@ -1157,6 +1158,16 @@ def _absolute(path: str, base: Path) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
+def _is_path_like(uri: str) -> bool:
+    """A filesystem path (not `databricks`, not `http://...`)."""
+    return "://" not in uri and (uri.startswith((".", "/", "~")) or "/" in uri or "\\" in uri)
+
+
+def is_local_store(uri: str) -> bool:
+    """Whether a tracking URI is a store on this machine (sqlite file, file store, plain path)."""
+    return uri.startswith(("sqlite:", "file:")) or _is_path_like(uri)
+
+
 def resolve_spec(spec: JobSpec, cwd: str | Path | None = None) -> JobSpec:
     """The spec with everything that depends on where it is started made explicit: local paths
     absolute against `cwd` (default: the working directory), the tracking URI chosen
@@ -1177,19 +1188,36 @@ def resolve_spec(spec: JobSpec, cwd: str | Path | None = None) -> JobSpec:
     uri = tr["uri"]
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         tr["uri"] = "sqlite:///" + _absolute(uri[len("sqlite:///") :], base)
-    elif is_local_path(uri) and not uri.startswith("file://") and "://" not in uri:
+    elif _is_path_like(uri):
         tr["uri"] = _absolute(uri, base)
-    if tr["artifact_location"] is None and (tr["uri"].startswith("sqlite:") or is_local_path(tr["uri"])):
+    if tr["artifact_location"] is None and is_local_store(tr["uri"]):
         tr["artifact_location"] = str((base / "mlruns").resolve())
     elif tr["artifact_location"] and is_local_path(tr["artifact_location"]):
         tr["artifact_location"] = _absolute(tr["artifact_location"], base)
     return JobSpec.model_validate(data)
 
 
-def resolved_yaml(spec: JobSpec) -> str:
-    """The spec as YAML, every field explicit, in schema order; loads back to an equal spec."""
+def resolved_yaml(spec: JobSpec, *, redact: bool = False) -> str:
+    """The spec as YAML, every field explicit, in schema order; loads back to an equal spec.
+
+    `redact=True` (what is logged to MLflow) replaces values under secret-looking keys
+    (`is_secret_key`, e.g. `resources.env_vars.HF_TOKEN`) by `<redacted>`."""
+    data = spec.model_dump(mode="json")
     header = f"# resolved STARS job spec; spec_hash {spec_hash(spec)}\n"
-    return header + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, width=100)
+    if redact:
+        data = _redact(data, False)
+        header += "# values of secret-looking keys are redacted\n"
+    return header + yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+def _redact(value: Any, secret: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, secret or is_secret_key(str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, secret) for v in value]
+    if secret and value not in (None, ""):
+        return REDACTED
+    return redact_uri(value) if isinstance(value, str) else value
 
 
 #: Fields that say where a job goes, not what it computes: left out of `spec_hash`.
@@ -1302,7 +1330,7 @@ def spec_warnings(spec: JobSpec, address: str | None = None) -> list[str]:
             f"to {address}: every node of a multi-node cluster must see it (shared filesystem or s3://...)"
         )
     uri = spec.tracking.uri or ""
-    if remote and spec.tracking.enabled and (uri == "" or uri.startswith(("sqlite:", "file:")) or "://" not in uri):
+    if remote and spec.tracking.enabled and (uri == "" or is_local_store(uri)):
         out.append(
             f"tracking.uri {uri or '(default local store)'!r} is local to the machine the job runs on; "
             "give a tracking server URI to see the runs from here"

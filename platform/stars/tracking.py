@@ -41,6 +41,7 @@ from stars.spec import (
     default_tracking_uri,
     flatten_params,
     is_local_path,
+    is_local_store,
     resolved_yaml,
     spec_hash,
 )
@@ -203,7 +204,7 @@ class Tracker:
     def __init__(self, uri: str | None = None, *, artifact_root: str | None = None):
         self.uri = resolve_tracking_uri(uri)
         self.artifact_root = artifact_root
-        if artifact_root is None and (self.uri.startswith("sqlite:") or is_local_path(self.uri)):
+        if artifact_root is None and is_local_store(self.uri):
             base = Path(self.uri[len("sqlite:///") :]).parent if self.uri.startswith("sqlite:///") else Path.cwd()
             self.artifact_root = str(base / "mlruns")
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -294,7 +295,7 @@ class Tracker:
         tags.update(extra_tags or {})
         run_id, _ = self.get_or_create_run(exp_id, f"{spec.name}@{h}", spec.name, tags=tags, reuse=reuse)
         self.log_params(run_id, flatten_params(spec))
-        self.log_text(run_id, resolved_yaml(spec), "spec/resolved.yaml")
+        self.log_text(run_id, resolved_yaml(spec, redact=True), "spec/resolved.yaml")
         return run_id
 
     def start_trial(self, job_run_id: str, trial: Trial, *, reuse: bool = True) -> str:
@@ -328,7 +329,7 @@ class Tracker:
             reuse=reuse,
         )
         self.log_params(run_id, flatten_params(trial.spec))
-        self.log_text(run_id, resolved_yaml(trial.spec), "spec/resolved.yaml")
+        self.log_text(run_id, resolved_yaml(trial.spec, redact=True), "spec/resolved.yaml")
         return run_id
 
     def start_eval(self, trial_run_id: str, step: int, *, reuse: bool = True) -> str:
