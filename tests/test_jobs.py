@@ -78,3 +78,12 @@ def test_ouro_numina_is_the_paper_recipe():
     )
     assert set(spec.eval.tasks) == {"gsm8k", "math500", "asdiv", "svamp", "amc23"}
     assert spec.eval.depths == list(range(1, 17))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_jobs_match_the_published_json_schema(path):
+    """What `starsctl schema` prints is usable by editors: the shipped jobs validate against it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    jsonschema.validate(yaml.safe_load(path.read_text()), JobSpec.model_json_schema())

@@ -46,6 +46,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_serializer,
     field_validator,
     model_validator,
@@ -716,6 +717,17 @@ class EvalResources(_Section):
         return self
 
 
+#: How depth lists look in YAML / JSON: "1-16", "1,2,4,8" or a list of integers.
+_DEPTHS_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$"},
+            {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_DEPTH}},
+        ]
+    }
+)
+
+
 class EvalSpec(_Section):
     """Depth-curve evaluation: every task scored at every depth in `depths`, plus dynamics
     diagnostics (hidden norm, step size, distance from start, spectral radius)."""
@@ -723,9 +735,11 @@ class EvalSpec(_Section):
     tasks: list[EvalTask] | None = None
     """Tasks to score: `addition`, or math benchmarks `gsm8k`, `math500`, `asdiv`, `svamp`,
     `amc23`. null = the training task when it is `addition`, else none; [] = no evaluation."""
-    depths: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: parse_depths("1-16"))
+    depths: Annotated[list[int], Field(min_length=1), _DEPTHS_SCHEMA] = Field(
+        default_factory=lambda: parse_depths("1-16")
+    )
     """Depths to score, e.g. `"1-16"`, `"1,2,4,8,16"`, `"1-8,12"` or a list."""
-    rho_depths: list[int] = Field(default_factory=lambda: [1, 4, 8, 16])
+    rho_depths: Annotated[list[int], _DEPTHS_SCHEMA] = Field(default_factory=lambda: [1, 4, 8, 16])
     """Depths at which to estimate the spectral radius of the block's Jacobian (costly; keep it to
     a few). [] = none."""
     rho_iters: int = Field(default=20, ge=1)
@@ -974,7 +988,7 @@ def _is_dict(annotation: Any) -> bool:
     return get_origin(_unwrap(annotation)) is dict
 
 
-def schema_field_names(path: tuple[str, ...], root: type[BaseModel] = None) -> list[str] | None:  # type: ignore[assignment]
+def schema_field_names(path: tuple[str, ...], root: type[BaseModel] | None = None) -> list[str] | None:
     """Field names allowed under `path` (a tuple of keys; () = top level); None if `path` does not
     lead to a model (a scalar, list or free-form mapping). Unions give their members' fields."""
     models: list[type[BaseModel]] = [root or JobSpec]
