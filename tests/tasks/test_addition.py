@@ -130,8 +130,8 @@ def test_read_jsonl_errors_name_file_line_and_field(tmp_path: Path, line: str, m
 
 def test_build_task_from_files_drops_overlap(fixtures_dir: Path) -> None:
     task = build_addition_task(
-        train_size=None,
-        test_size=None,
+        train_size=2,  # sizes are ignored when files are given: files are used whole
+        test_size=1,
         train_file=fixtures_dir / "addition" / "train.jsonl",
         test_file=fixtures_dir / "addition" / "test.jsonl",
     )
@@ -147,6 +147,12 @@ def test_build_task_generated_train_excludes_a_file_test_set(fixtures_dir: Path)
     assert not {p.key for p in task.train} & {p.key for p in task.test}
     generated = build_addition_task(train_size=100, test_size=50, seed=1)
     assert remove_overlap(generated.train, generated.test) == generated.train
+    assert build_addition_task(train_size=10, test_size=50, seed=1).test == generated.test
+
+
+def test_build_task_rejects_operands_wider_than_digits(fixtures_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"test\.jsonl: problem 1 \(2718\+2818\).*digits=3"):
+        build_addition_task(train_size=10, digits=3, test_file=fixtures_dir / "addition" / "test.jsonl")
 
 
 # -------------------------------------------------------------------------------------- training data

@@ -44,6 +44,23 @@ def test_registry_matches_the_reference() -> None:
         get_benchmark("mmlu")
 
 
+def test_hub_ids_take_the_same_load_dataset_call(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path) -> None:
+    """Without a network, stand in for the hub at `datasets.load_dataset`: the registry's id, config and
+    split must arrive there, and the rows come back through the same code as a local folder."""
+    real = datasets.load_dataset
+    calls = []
+    local = {b.dataset_id: fixtures_dir / name for name, b in BENCHMARKS.items()}
+
+    def hub(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return real(str(local[path]), split=split, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    golds = {name: [it.gold for it in load_benchmark(name)] for name in BENCHMARKS}
+    assert golds == EXPECTED_GOLDS
+    assert sorted(calls) == sorted((b.dataset_id, b.config, b.split) for b in BENCHMARKS.values())
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_GOLDS))
 def test_fixture_golds(name: str, fixtures_dir: Path) -> None:
     items = load_benchmark(name, path=fixtures_dir / name)

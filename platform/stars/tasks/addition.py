@@ -243,6 +243,17 @@ class AdditionTask:
         return AdditionData(self.train, self.tokenizer)
 
 
+def _check_fits(problems: Sequence[AdditionProblem], tokenizer: AdditionTokenizer, source: str) -> None:
+    """Operands wider than `digits` make sequences longer than the model's positions are sized for."""
+    limit = 10**tokenizer.digits
+    for i, p in enumerate(problems):
+        if p.num1 >= limit or p.num2 >= limit:
+            raise ValueError(
+                f"{source}: problem {i + 1} ({p.num1}+{p.num2}) has operands longer than digits="
+                f"{tokenizer.digits}; set the task's digits to the widest operand"
+            )
+
+
 def build_addition_task(
     train_size: int | None = 100_000,
     test_size: int | None = 1_000,
@@ -253,13 +264,16 @@ def build_addition_task(
 ) -> AdditionTask:
     """Build the task from a spec: generated sets, or the published jsonl files when given.
 
-    With files, `train_size`/`test_size` cap how many rows are read (None = all) and training rows that
-    also occur in the test set are dropped (counted in `dropped_overlap`). A generated training set
-    always excludes the test set, whether the test set was generated or read.
+    A file is used whole (its size argument is ignored, as the spec documents), so scores on a
+    published test set are comparable. Training rows that also occur in the test set are dropped
+    (counted in `dropped_overlap`); a generated training set always excludes the test set, whether
+    the test set was generated or read. The test set depends only on (test_size or test_file, digits,
+    seed), never on the training size. Operands wider than `digits` are an error.
     """
     tokenizer = AdditionTokenizer(digits)
     if test_file is not None:
-        test = read_jsonl(test_file, limit=test_size)
+        test = read_jsonl(test_file)
+        _check_fits(test, tokenizer, str(test_file))
     else:
         if test_size is None:
             raise ValueError("test_size must be set when no test_file is given")
@@ -267,10 +281,11 @@ def build_addition_task(
     dropped = 0
     if train_file is not None:
         raw = read_jsonl(train_file)
+        _check_fits(raw, tokenizer, str(train_file))
         train = remove_overlap(raw, test)
         dropped = len(raw) - len(train)
-        if train_size is not None:
-            train = train[:train_size]
+        if not train:
+            raise ValueError(f"every problem of {str(train_file)!r} is also in the test set")
     else:
         if train_size is None:
             raise ValueError("train_size must be set when no train_file is given")

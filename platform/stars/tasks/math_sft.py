@@ -44,10 +44,12 @@ Overlong = Literal["drop", "truncate"]
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model directory's tokenizer (`AutoTokenizer`), local files only (never a hub download)."""
+    """The tokenizer of a model directory (`AutoTokenizer`). An existing local path is read with
+    `local_files_only=True`, so it never reaches for the hub; anything else is treated as a hub id."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    local = Path(model_dir).expanduser().exists()
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local)
 
 
 # --------------------------------------------------------------------------------------------- rows
