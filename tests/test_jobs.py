@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stars.spec import JobSpec, spec_warnings, sweep_trials
 from stars.spec_loader import load_spec
@@ -84,6 +85,4 @@ def test_ouro_numina_is_the_paper_recipe():
 def test_jobs_match_the_published_json_schema(path):
     """What `starsctl schema` prints is usable by editors: the shipped jobs validate against it."""
     jsonschema = pytest.importorskip("jsonschema")
-    import yaml
-
     jsonschema.validate(yaml.safe_load(path.read_text()), JobSpec.model_json_schema())
