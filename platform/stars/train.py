@@ -214,7 +214,8 @@ def load_trainer_state(path: str | Path) -> dict:
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 class StarsObjective(nn.Module):
-    """The STARS loss as a module, so DDP wraps one `forward` (its gradient hooks need that)."""
+    """The STARS loss of one micro-batch as a module, so DDP wraps one `forward` (its gradient hooks
+    need that). Returns (CE, JSRR) with their graphs; the loop weights them over the global batch."""
 
     def __init__(self, model: LoopLM):
         super().__init__()
@@ -228,7 +229,20 @@ class StarsObjective(nn.Module):
                          power_iters=power_iters, jsrr_fraction=jsrr_fraction, backprop_depth=backprop_depth,
                          generator=generator)
         jsrr = out.jsrr if out.jsrr is not None else torch.zeros((), device=out.ce.device)
-        return out.total, out.ce.detach(), jsrr.detach()
+        return out.ce, jsrr
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the CE averages over (labels are shifted inside the model)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _global_count(n: int, worker: WorkerContext) -> int:
+    if worker.world_size == 1 or not torch.distributed.is_initialized():
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=worker.device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 @dataclass
@@ -274,12 +288,13 @@ def train_loop(
     accum = tr.global_batch_size // (micro * worker.world_size)
     plan = BatchPlan(len(task.train_data), spec.seed, tr.global_batch_size, micro, worker.world_size)
 
-    start, history = 0, []
+    start, history, resumes = 0, [], []
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], list(state["history"])
+        resumes = [*state.get("resumes", []), start]
         hooks.console(f"[stars] resumed from step {start} ({resume_dir})")
     logged_until = hooks.last_logged_step() if worker.rank == 0 else 0
     autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16")
@@ -292,18 +307,26 @@ def train_loop(
         torch.manual_seed(_step_seed(spec.seed + 1, step, worker.rank))  # dropout
         jsrr_weight = js.weight if step >= js.start_step else 0.0
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros(3)
-        for m in range(accum):
-            batch = {k: v.to(worker.device) for k, v in task.train_data.batch(plan.rows(step, m, worker.rank)).items()}
+        batches = [task.train_data.batch(plan.rows(step, m, worker.rank)) for m in range(accum)]
+        # CE is a mean over supervised tokens of the WHOLE global batch (not a mean of micro-batch
+        # means, which over-weights short micro-batches); DDP averages over ranks, hence * world.
+        n_global = _global_count(sum(supervised_tokens(b) for b in batches), worker)
+        ce_sum = jsrr_sum = 0.0
+        for m, cpu_batch in enumerate(batches):
+            batch = {k: v.to(worker.device) for k, v in cpu_batch.items()}
             window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            share = supervised_tokens(cpu_batch) / max(n_global, 1)
             sync = m == accum - 1 or not hasattr(objective, "no_sync")
-            ctx = objective.no_sync() if not sync else _nullcontext()
-            with ctx, autocast:
-                total, ce, jsrr = objective(batch, depth=depth, jsrr_weight=jsrr_weight, jsrr_mode=js.mode,
-                                            jsrr_fraction=js.batch_fraction, power_iters=js.power_iters,
-                                            backprop_depth=sampler.backprop_depth, generator=gen)
-                (total / accum).backward()
-            loss_sum += torch.stack([total.detach().float().cpu(), ce.float().cpu(), jsrr.float().cpu()]) / accum
+            with (objective.no_sync() if not sync else _nullcontext()), autocast:
+                ce, jsrr = objective(batch, depth=depth, jsrr_weight=jsrr_weight, jsrr_mode=js.mode,
+                                     jsrr_fraction=js.batch_fraction, power_iters=js.power_iters,
+                                     backprop_depth=sampler.backprop_depth, generator=gen)
+                loss = (1 - jsrr_weight) * ce * share * worker.world_size + jsrr_weight * jsrr / accum
+            loss.backward()
+            ce_sum += float(ce.detach()) * share * worker.world_size
+            jsrr_sum += float(jsrr.detach()) / accum
+        # Logged per rank (rank 0): its share of the global-batch CE and its mean penalty.
+        loss_sum = torch.tensor([(1 - jsrr_weight) * ce_sum + jsrr_weight * jsrr_sum, ce_sum, jsrr_sum])
         if tr.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
@@ -334,17 +357,41 @@ def train_loop(
                 )
         every = tr.checkpoint_every
         if (every and done % every == 0) or done == steps:
+            report = {"step": done, "train/loss": last_loss, "train/depth": depth}
+            if done == steps:
+                report["ddp/param_checksums"] = rank_checksums(model, worker, hooks.console)
             ckpt_dir = None
             if worker.rank == 0:
                 root = Path(checkpoint_root or os.path.join(spec.resources.storage_path, spec.name, "local"))
                 ckpt_dir = str(root / f"step_{done:07d}")
-                state = {"step": done, "history": history, "depth": depth, "loss": last_loss}
+                state = {"step": done, "history": history, "resumes": resumes, "depth": depth,
+                         "loss": last_loss}
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, task)
                 last_ckpt = ckpt_dir
-            hooks.report({"step": done, "train/loss": last_loss, "train/depth": depth}, ckpt_dir)
+            hooks.report(report, ckpt_dir)
 
     return TrainSummary(steps=steps, final_loss=last_loss, first_loss=first_loss, resumed_from=start,
                         history=history, checkpoint_dir=last_ckpt)
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A position-weighted sum of every parameter (float64): equal across ranks iff weights agree."""
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        return float((sums * torch.arange(1, len(sums) + 1, dtype=torch.float64)).sum())
+
+
+def rank_checksums(model: nn.Module, worker: WorkerContext, console) -> list[float]:
+    """Every rank's parameter checksum (DDP keeps replicas identical; a mismatch means a bug such as
+    ranks drawing different depths). Reported with the final checkpoint."""
+    mine = param_checksum(model)
+    if worker.world_size == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    gathered: list[float] = [0.0] * worker.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    if len(set(gathered)) > 1 and worker.rank == 0:
+        console(f"[stars] WARNING: DDP replicas diverged; parameter checksums per rank: {gathered}")
+    return gathered
 
 
 class _nullcontext:
