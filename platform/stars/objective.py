@@ -131,7 +131,7 @@ def jacobian_vector_product(
     result stays differentiable w.r.t. the parameters block_fn closes over.
     """
     h = h.detach()
-    with jacobian_safe():
+    with jacobian_safe(forward_mode=mode == "jvp"):
         if mode == "jvp":
             _, u = torch.func.jvp(block_fn, (h,), (v,))
             return u if create_graph else u.detach()
