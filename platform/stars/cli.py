@@ -163,8 +163,119 @@ def submit(
         typer.echo(str(result))
 
 
-# Room for issue 5: `starsctl eval CHECKPOINT --task T --depths 1-16` and `starsctl compare RUN...`
-# are added here as further @app.command()s, with their heavy imports inside the command bodies.
+# Issue 5: `starsctl eval CHECKPOINT --task T --depths 1-16` and `starsctl compare RUN...`; heavy
+# imports (torch, mlflow) inside the command bodies.
+def _depths_option(value: str, option: str) -> list[int]:
+    from stars.spec import parse_depths
+
+    try:
+        return parse_depths(value)
+    except ValueError as exc:
+        _fail(f"{option}: {exc}")
+
+
+@app.command("eval")
+def eval_checkpoint(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint directory (step_NNNNNNN/ with model/ and stars_task.json) "
+                            "or a model directory.", show_default=False)
+    ],
+    tasks: Annotated[
+        list[str],
+        typer.Option("--task", "-t", help="Task to score (repeatable): addition, gsm8k, math500, asdiv, svamp, "
+                     "amc23. Default: the checkpoint's training task when it is addition."),
+    ] = [],  # noqa: B006 - typer reads the default
+    depths: Annotated[str, typer.Option(help="Depths to score, e.g. 1-16 or 1,2,4,8.")] = "1-16",
+    rho_depths: Annotated[
+        str, typer.Option(help="Depths at which to estimate the spectral radius ('' for none).")
+    ] = "1,4,8,16",
+    rho_iters: Annotated[int, typer.Option(min=1, help="Power iterations per spectral radius.")] = 20,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N problems of each task.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per batch.")] = 64,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Generation budget of math benchmarks (default 2048).")
+    ] = None,
+    benchmark_path: Annotated[
+        list[str],
+        typer.Option("--benchmark-path", metavar="TASK=PATH",
+                     help="A local copy of a math benchmark, e.g. gsm8k=data/gsm8k (repeatable)."),
+    ] = [],  # noqa: B006 - typer reads the default
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write <task>.csv, <task>.png and eval.json here.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when visible, else cpu).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Score one checkpoint at every depth, outside a job: accuracy, dynamics, summary."""
+    depth_list = _depths_option(depths, "--depths")
+    rho_list = _depths_option(rho_depths, "--rho-depths") if rho_depths.strip() else []
+    paths: dict[str, str] = {}
+    for item in benchmark_path:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--benchmark-path expects TASK=PATH, got {item!r}")
+        paths[name.strip()] = path.strip()
+    if not checkpoint.exists():
+        _fail(f"checkpoint {str(checkpoint)!r} does not exist")
+    import json
+
+    from stars.evaluate import EvalInputError, evaluate_checkpoint, format_task_table, write_task_artifacts
+
+    try:
+        result = evaluate_checkpoint(
+            checkpoint, tasks or None, depth_list, rho_list, rho_iters, limit, batch_size, max_new_tokens,
+            benchmark_paths=paths, device=device,
+        )
+    except EvalInputError as exc:
+        _fail(str(exc))
+    if out is not None:
+        for ev in result.tasks.values():
+            write_task_artifacts(ev, out, result.step)
+        (out / "eval.json").write_text(
+            json.dumps({"checkpoint": result.checkpoint, "step": result.step,
+                        "tasks": {t: ev.to_json() for t, ev in result.tasks.items()}}, indent=1)
+        )
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": result.checkpoint, "step": result.step,
+                               "tasks": {t: ev.to_json() for t, ev in result.tasks.items()}}, indent=1))
+        return
+    where = f" (step {result.step})" if result.step is not None else ""
+    typer.echo(f"{result.checkpoint}{where}")
+    for ev in result.tasks.values():
+        typer.echo(format_task_table(ev))
+    if out is not None:
+        typer.echo(f"wrote {out}/")
+
+
+@app.command()
+def compare(
+    refs: Annotated[
+        list[str],
+        typer.Argument(help="Experiment names, run ids or run names (eval, trial or job runs).", show_default=False),
+    ],
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", help="Task whose depth curves to compare (default: the only one).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG overlaying the curves (default compare-<task>.png).")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="Compare the checkpoints at this training step.")] = None,
+    all_steps: Annotated[bool, typer.Option("--all-steps", help="Every evaluated checkpoint, not the latest.")] = False,
+) -> None:
+    """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16) and one overlay PNG."""
+    from stars.compare import CompareError, plot_comparison
+    from stars.compare import compare as run_compare
+
+    try:
+        comp = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
+    except CompareError as exc:
+        _fail(f"starsctl compare: {exc}")
+    typer.echo(comp.table())
+    png = plot_comparison(comp, out if out is not None else Path(f"compare-{comp.task}.png"))
+    typer.echo(f"wrote {png}")
 
 
 if __name__ == "__main__":  # pragma: no cover
