@@ -6,6 +6,7 @@ One MLflow run per job; one trial per sweep point (a child run), each trained by
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class JobResult:
 def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:
     """Run every trial of the job on Ray Train, tracked in MLflow (rank 0 / this driver only)."""
     from stars.ray_backend.cluster import ensure_ray
-    from stars.ray_backend.training import run_trial
+    from stars.ray_backend.evaluation import EvaluationService
+    from stars.ray_backend.training import run_name_for, run_trial
     from stars.spec import resolve_spec, sweep_trials
     from stars.tracking import Tracker
 
@@ -37,15 +39,20 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     if tracker:
         console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")
     result = JobResult(job_run, spec.tracking.uri if tracker else None)
+    # Evaluation actors live for the whole job, apart from the training workers (issue 5).
+    evaluation = EvaluationService(spec).start() if EvaluationService.wanted(spec) else None
     try:
         trials = sweep_trials(spec)
         for trial in trials:
             if len(trials) > 1:
                 console(f"[stars] trial {trial.index + 1}/{len(trials)}: {trial.key}")
             trial_run = tracker.start_trial(job_run, trial) if tracker else None
-            outcome = run_trial(
-                trial.spec, run_id=trial_run, trial_key=trial.key if trial.assignments else None
-            )
+            trial_key = trial.key if trial.assignments else None
+            run_dir = os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, trial_key))
+            validation = evaluation.validation_config(trial.spec, trial_run, run_dir) if evaluation else None
+            outcome = run_trial(trial.spec, run_id=trial_run, trial_key=trial_key, validation_config=validation)
+            if evaluation:  # fit() waited for the validations; score whatever is still missing
+                evaluation.finish_trial(trial.spec, trial_run, outcome.storage_dir, outcome.checkpoint_path)
             result.trials.append(outcome)
             if tracker:
                 tracker.set_tags(trial_run, {"stars.checkpoint": outcome.checkpoint_path or "",
@@ -57,6 +64,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
         if tracker:
             tracker.end(job_run, "FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
+    finally:
+        if evaluation:
+            evaluation.stop()
     if tracker:
         tracker.end(job_run)
     result.wall_seconds = time.perf_counter() - start
