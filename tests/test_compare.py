@@ -95,6 +95,10 @@ def test_compare_says_what_exists_when_the_experiment_or_task_does_not(store):
     assert "'cmp'" in str(err.value)  # lists the experiments that exist
     with pytest.raises(CompareError, match="no selected run has task 'gsm8k'.*tasks that exist: addition"):
         compare(["cmp"], "gsm8k", tracking_uri=store["uri"])
+    missing = store["root"] / "elsewhere" / "mlflow.db"
+    with pytest.raises(CompareError, match="no MLflow store at sqlite:///.*elsewhere/mlflow.db"):
+        compare(["cmp"], "addition", tracking_uri=f"sqlite:///{missing}")
+    assert not missing.exists()  # not created by asking
 
 
 def test_starsctl_compare_prints_table_and_writes_png(store, tmp_path):

@@ -207,7 +207,11 @@ def compare(
 
     if not refs:
         raise CompareError("name at least one experiment, run id or run name to compare")
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # MLflow would create an empty store there; reading from one that is not there is a mistake
+        raise CompareError(f"no MLflow store at {uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
     runs = select_eval_runs(client, refs, step=step, all_steps=all_steps)
     available = tasks_of(runs)
     if task is None:

@@ -171,9 +171,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | None = None) -> 
     The model is put in eval mode on `device` (default: CUDA when visible, else CPU) in the dtype it
     was saved in."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from stars.model import LoopLM
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint drowns the tables
     p = Path(path).expanduser()
     if not p.is_dir():
         raise EvalInputError(f"checkpoint {str(path)!r} is not a directory")

@@ -27,6 +27,7 @@ when `eval.every_checkpoint` is false; a validation that failed).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -79,6 +80,7 @@ class Evaluator:
         self.name = name
         self._key: str | None = None
         self._loaded: LoadedCheckpoint | None = None
+        self._download: str | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -89,10 +91,14 @@ class Evaluator:
         key = f"{checkpoint.filesystem.type_name}:{checkpoint.path}"
         if self._key != key or self._loaded is None:
             self._loaded = None
+            if self._download is not None:  # the previous remote checkpoint's local copy
+                shutil.rmtree(self._download, ignore_errors=True)
+                self._download = None
             if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
                 local = checkpoint.path
             else:  # remote storage: download once into a per-actor directory
-                local = os.path.join(temp_artifact_dir(), os.path.basename(checkpoint.path))
+                self._download = temp_artifact_dir()
+                local = os.path.join(self._download, os.path.basename(checkpoint.path))
                 checkpoint.to_directory(local)
             self._loaded = load_checkpoint(local)
             self._loaded.step = step_of(checkpoint.path)
@@ -116,14 +122,18 @@ class Evaluator:
             rho_iters=ev.rho_iters, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
             benchmark_path=(unit.get("benchmark_paths") or {}).get(task),
         )
-        files = write_task_artifacts(result, temp_artifact_dir(), step)
-        if unit.get("eval_run_id"):
-            from stars.tracking import Tracker
+        scratch = temp_artifact_dir()
+        try:
+            files = write_task_artifacts(result, scratch, step)
+            if unit.get("eval_run_id"):
+                from stars.tracking import Tracker
 
-            tracker = Tracker(unit["tracking_uri"], artifact_root=unit.get("artifact_root"))
-            log_task_eval(tracker, unit["eval_run_id"], unit.get("trial_run_id"), step, result, files,
-                          with_dynamics=unit["primary"])
-        ledger.put_files(step, files)
+                tracker = Tracker(unit["tracking_uri"], artifact_root=unit.get("artifact_root"))
+                log_task_eval(tracker, unit["eval_run_id"], unit.get("trial_run_id"), step, result, files,
+                              with_dynamics=unit["primary"])
+            ledger.put_files(step, files)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         record = {**result.to_json(), "step": step, "checkpoint": checkpoint.path,
                   "eval_run_id": unit.get("eval_run_id"), "trial_run_id": unit.get("trial_run_id"),
                   "actor": self.name, "pid": os.getpid(), "started": started, "finished": time.time()}
@@ -240,7 +250,25 @@ class EvaluationService:
         if res.custom:
             options["resources"] = dict(res.custom)
         self.actors = [Evaluator.options(name=n, **options).remote(n, int(res.cpus)) for n in self.names]
+        self._warn_if_cluster_too_small()
         return self
+
+    def _warn_if_cluster_too_small(self) -> None:
+        """Evaluators hold their resources for the whole job. When training and evaluation together
+        need more than the cluster has, an evaluator waits for resources that never free up and
+        `fit()` waits for its validations: say so now rather than hang silently."""
+        spec, total = self.spec, ray.cluster_resources()
+        train = spec.resources
+        need = {"CPU": train.num_workers * train.cpus_per_worker + spec.eval.workers * spec.eval.resources.cpus,
+                "GPU": train.num_workers * (train.gpus_per_worker or 0) + spec.eval.workers * spec.eval.resources.gpus}
+        for kind, amount in need.items():
+            if amount > total.get(kind, 0.0) + 1e-9:
+                self.console(
+                    f"[stars] warning: training ({train.num_workers} workers) and evaluation ({spec.eval.workers} "
+                    f"actors) need {amount:g} {kind} together but the cluster has {total.get(kind, 0.0):g}; the "
+                    "evaluators may wait for resources (autoscaling) and the job cannot finish before they run. "
+                    "Lower eval.workers / eval.resources or the training resources."
+                )
 
     def context(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> dict[str, Any]:
         """JSON-serialisable description of a trial's evaluation (the validation fn's kwargs)."""
