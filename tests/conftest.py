@@ -12,12 +12,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (4 logical CPUs: 2 training workers + driver-side actors)."""
+    """One local Ray for the whole session (4 logical CPUs: 2 training workers + driver-side actors).
+
+    The dashboard stays on (bound to 127.0.0.1): without it Ray's state API fails, and Ray Train's
+    placement-group cleaner can take that failure for a dead controller and tear down a live run."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 logging_level="ERROR")
     yield ray
     if started:
         ray.shutdown()
