@@ -153,3 +153,15 @@ def test_submit_bad_spec_never_reaches_the_backend(monkeypatch, tmp_path):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("starsctl ")
+
+
+def test_submit_of_an_unsupported_model_source_is_a_user_error_before_ray(tmp_path):
+    spec = tmp_path / "ouro.yaml"
+    spec.write_text(
+        "name: o\nmodel: {source: ouro, pretrained: /nowhere}\n"
+        "data: {task: addition}\ntrain: {max_steps: 10}\n"
+    )
+    rc, out, err, heavy = run_cli_subprocess("submit", str(spec), cwd=tmp_path)
+    assert rc == 2, err
+    assert "model.source 'ouro'" in err and "Traceback" not in err
+    assert "ray" not in heavy

@@ -158,7 +158,12 @@ def submit(
         if exc.name not in ("stars.ray_backend", "stars.ray_backend.submit"):
             raise
         _fail("starsctl submit: the Ray backend (stars.ray_backend.submit) is not installed", code=1)
-    result = ray_submit(spec, spec_path=file, address=address)
+    from stars.run import UserError
+
+    try:
+        result = ray_submit(spec, spec_path=file, address=address)
+    except UserError as exc:
+        _fail(f"{file}: {exc}")
     if result is not None:
         typer.echo(str(result))
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from stars.spec import JobSpec
 
 
+class UserError(ValueError):
+    """A spec that validates but cannot run here; reported without a traceback (exit 2)."""
+
+
 @dataclass
 class JobResult:
     job_run_id: str | None
@@ -25,6 +29,10 @@ class JobResult:
 
 def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:
     """Run every trial of the job on Ray Train, tracked in MLflow (rank 0 / this driver only)."""
+    from stars.spec import UNSUPPORTED_SOURCES
+
+    if spec.model.source in UNSUPPORTED_SOURCES:  # before Ray starts: no cluster time spent
+        raise UserError(UNSUPPORTED_SOURCES[spec.model.source])
     from stars.ray_backend.cluster import ensure_ray
     from stars.ray_backend.evaluation import EvaluationService
     from stars.ray_backend.training import run_name_for, run_trial

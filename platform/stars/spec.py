@@ -822,6 +822,14 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _UNSWEEPABLE = ("name", "experiment", "sweep", "tracking", "resources.storage_path")
 
 
+# Spec values that validate but cannot run yet; `stars.run` refuses them before any cluster time.
+UNSUPPORTED_SOURCES = {
+    "ouro": "model.source 'ouro': loading Ouro checkpoints (the weight-name mapping onto "
+    "LoopLMConfig.ouro_layout()) is not implemented yet; convert the checkpoint to a LoopLM "
+    "and use model.source 'pretrained'",
+}
+
+
 class JobSpec(_Section):
     """A STARS job: train (and evaluate) one LoopLM, or one per point of a sweep grid."""
 

@@ -29,7 +29,7 @@ from stars.objective import (
     UniformDepth,
     stars_loss,
 )
-from stars.spec import JobSpec
+from stars.spec import UNSUPPORTED_SOURCES, JobSpec
 
 TRAINER_STATE = "trainer_state.pt"
 TASK_FILE = "stars_task.json"
@@ -119,9 +119,7 @@ def build_model(spec: JobSpec, task: TaskBundle) -> LoopLM:
         return LoopLM(cfg)
     if m.source == "pretrained":
         return LoopLM.from_pretrained(m.pretrained, dtype=torch.float32)
-    from stars.model.ouro import load_ouro  # noqa: PLC0415  (another issue: Ouro weight mapping)
-
-    return load_ouro(m.pretrained, trust_remote_code=m.trust_remote_code, dtype=torch.float32)
+    raise ValueError(UNSUPPORTED_SOURCES[m.source])
 
 
 def build_sampler(spec: JobSpec) -> LoopSampler:
