@@ -18,29 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from stars.evaluate import addition_teacher_forced, generate_depths
 from stars.model import LoopLM, LoopLMConfig
 from stars.tasks.addition import AdditionTokenizer, generate_problems
+from timing import paired_times  # benchmarks/timing.py (this script's directory)
 
 DEPTHS = list(range(1, 17))
-
-
-def paired_times(fns, repeats: int, warmup: int = 1) -> list[float]:
-    """Best-of-`repeats` time of each fn, interleaved so load from other processes hits all alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
 
 
 def addition_model() -> LoopLM:

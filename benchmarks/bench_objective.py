@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from stars.model import LoopLM, LoopLMConfig
 from stars.objective import stars_loss
+from timing import paired_times  # benchmarks/timing.py (this script's directory)
 
 
 def small_model() -> LoopLM:
@@ -26,21 +26,6 @@ def small_model() -> LoopLM:
     cfg = LoopLMConfig(vocab_size=15, d_model=128, n_heads=4, n_block=2, injection="add",
                        max_position_embeddings=32, norm_position="post_sandwich")
     return LoopLM(cfg)
-
-
-def paired_times(fns, repeats: int, warmup: int = 2) -> list[float]:
-    """Best-of-`repeats` time of each fn, run interleaved so that load from other processes and clock
-    drift hit every variant alike (the minimum is the least-disturbed run)."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
 
 
 def train_step_fn(model, opt, ids, depth, weight, mode="vjp", fraction=1.0):
