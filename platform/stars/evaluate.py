@@ -248,29 +248,17 @@ def addition_teacher_forced(
     """Per depth a bool tensor [len(problems)] (every supervised argmax right, EOS included), and the
     dynamics per depth: all from one `forward_depths` pass per batch.
 
-    Same correctness rule as `stars.tasks.addition.teacher_forced_correct` (which greedy decoding
-    reproduces problem by problem); this one also keeps the readout's dynamics."""
-    import torch
-
-    from stars.tasks.addition import IGNORE_INDEX, AdditionData
+    `stars.tasks.addition.teacher_forced_correct` (which greedy decoding reproduces problem by
+    problem), with the readout's dynamics collected from the same pass."""
+    from stars.tasks.addition import teacher_forced_correct
 
     depths = sorted({int(d) for d in depths})
-    data = AdditionData(problems, tokenizer)
-    device = next(model.parameters()).device
-    out: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
     dyn = _Dyn(depths)
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            b = data.batch(range(start, min(start + batch_size, len(data))))
-            ids, mask, labels = (b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            ro = model.forward_depths(ids, depths=depths, attention_mask=mask)
-            target = labels[:, 1:]
-            supervised = target != IGNORE_INDEX
-            for d, logits in zip(ro.depths, ro.logits):
-                pred = logits[:, :-1].argmax(dim=-1)
-                out[int(d)].append(((pred == target) | ~supervised).all(dim=1).cpu())
-            dyn.add(ro, float(mask.sum()))
-    return {d: torch.cat(v) for d, v in out.items()}, dyn.result()
+    correct = teacher_forced_correct(
+        model, problems, tokenizer, depths, batch_size,
+        on_readout=lambda readout, mask: dyn.add(readout, float(mask.sum())),
+    )
+    return correct, dyn.result()
 
 
 def addition_rho_batch(problems: Sequence[Any], tokenizer: Any, device: Any) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -375,8 +375,12 @@ def teacher_forced_correct(
     tokenizer: AdditionTokenizer,
     depths: Iterable[int] = range(1, 17),
     batch_size: int = 1024,
+    on_readout: Callable[[Any, torch.Tensor], None] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Per depth, a bool tensor [len(problems)]: argmax right at every supervised position (incl. EOS)."""
+    """Per depth, a bool tensor [len(problems)]: argmax right at every supervised position (incl. EOS).
+
+    `on_readout(readout, attention_mask)` sees each batch's `DepthReadout` (e.g. to collect the
+    trajectory diagnostics from the same pass)."""
     import torch
 
     depths = list(depths)
@@ -388,6 +392,8 @@ def teacher_forced_correct(
             b = data.batch(range(start, min(start + batch_size, len(data))))
             ids, mask, labels = (b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             ro = model.forward_depths(ids, depths=depths, attention_mask=mask)
+            if on_readout is not None:
+                on_readout(ro, mask)
             target = labels[:, 1:]
             supervised = target != IGNORE_INDEX
             for d, logits in zip(ro.depths, ro.logits, strict=True):
