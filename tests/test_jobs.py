@@ -36,12 +36,13 @@ def test_addition_is_the_quick_stars_cpu_job():
     assert (m.source, m.d_model, m.n_heads, m.n_block) == ("looplm", 64, 4, 2)
     assert (m.norm.type, m.norm.position) == ("layernorm", "post_sandwich")
     assert (m.injection, m.positions) == ("add", "learned")
+    assert m.embed_init_std == 1.0  # std 0.02 drowned the injected input (measured: no learning)
     ls = spec.stars.loop_sampling
     assert (ls.kind, ls.mu, ls.sigma, ls.min, ls.max) == ("lognormal", 1.7, 0.4, 1, 16)
     assert (spec.stars.jsrr.weight, spec.stars.jsrr.mode) == (0.1, "vjp")
     t = spec.train
     assert (t.global_batch_size, t.lr, t.schedule, t.warmup_steps) == (128, 3e-3, "cosine", 100)
-    assert 1200 <= t.max_steps <= 1500
+    assert 2000 <= t.max_steps <= 4000  # measured jump at ~1600 steps; the budget is ~2x that
     assert spec.resources.num_workers == 1 and not spec.resources.use_gpu
     assert spec.eval.tasks == ["addition"] and spec.eval.depths == list(range(1, 17))
     assert not spec.sweep.grid
