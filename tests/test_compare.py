@@ -132,3 +132,10 @@ def test_log_task_eval_is_idempotent(store):
     log_task_eval(tracker, ev, trial, 20, task_eval("addition", CURVES[1][20]))  # a retried unit
     assert len(tracker.metric_history(ev, "addition/acc")) == 16
     assert [s for s, _ in tracker.metric_history(trial, "addition/peak_acc")] == [10, 20]
+
+
+def test_plot_path_without_suffix_reports_the_file_really_written(tmp_path):
+    from stars.evaluate import plot_depth_curves
+
+    out = plot_depth_curves({"a": {1: 0.5, 2: 1.0}}, tmp_path / "curves")
+    assert out == tmp_path / "curves.png" and out.is_file()

@@ -589,6 +589,8 @@ def plot_depth_curves(
             dax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     out = Path(path)
+    if not out.suffix:  # matplotlib would add '.png' itself; return the path it really writes
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
