@@ -7,6 +7,7 @@ batch rows from a seeded permutation per epoch, and dropout/JSRR randomness from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -315,7 +316,7 @@ def train_loop(
             window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             share = supervised_tokens(cpu_batch) / max(n_global, 1)
             sync = m == accum - 1 or not hasattr(objective, "no_sync")
-            with (objective.no_sync() if not sync else _nullcontext()), autocast:
+            with (objective.no_sync() if not sync else contextlib.nullcontext()), autocast:
                 ce, jsrr = objective(batch, depth=depth, jsrr_weight=jsrr_weight, jsrr_mode=js.mode,
                                      jsrr_fraction=js.batch_fraction, power_iters=js.power_iters,
                                      backprop_depth=sampler.backprop_depth, generator=gen)
@@ -324,7 +325,7 @@ def train_loop(
             ce_sum += float(ce.detach()) * share * worker.world_size
             jsrr_sum += float(jsrr.detach()) / accum
         # Logged per rank (rank 0): its share of the global-batch CE and its mean penalty.
-        loss_sum = torch.tensor([(1 - jsrr_weight) * ce_sum + jsrr_weight * jsrr_sum, ce_sum, jsrr_sum])
+        last_loss = (1 - jsrr_weight) * ce_sum + jsrr_weight * jsrr_sum
         if tr.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
@@ -332,14 +333,13 @@ def train_loop(
         scheduler.step()
         done = step + 1
         history.append((done, depth))
-        last_loss = float(loss_sum[0])
         if step == start:
             first_loss = last_loss
 
         if done % tr.log_every == 0 or done == steps:
             elapsed = time.perf_counter() - window_start
             metrics = {
-                "train/loss": last_loss, "train/ce": float(loss_sum[1]), "train/jsrr": float(loss_sum[2]),
+                "train/loss": last_loss, "train/ce": ce_sum, "train/jsrr": jsrr_sum,
                 "train/depth": float(depth), "train/lr": lr,
                 "train/tokens_per_s": window_tokens * worker.world_size / max(elapsed, 1e-9),
                 "train/epoch": plan.epoch_of(done),
@@ -391,10 +391,3 @@ def rank_checksums(model: nn.Module, worker: WorkerContext, console) -> list[flo
         console(f"[stars] WARNING: DDP replicas diverged; parameter checksums per rank: {gathered}")
     return gathered
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -201,7 +201,7 @@ class LoopLM(PreTrainedModel):
         return x
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        return e if self.injection is None and self.config.injection == "none" else torch.zeros_like(e)
+        return e if self.config.injection == "none" else torch.zeros_like(e)
 
     def _step(
         self, h: torch.Tensor, e: torch.Tensor, ctx: AttentionContext, slots: Sequence[KVSlot] | None = None
