@@ -6,6 +6,7 @@ import torch
 
 from stars.model import NORM_TYPES, LoopLM, LoopLMConfig
 from stars.objective import (
+    JSRR_MODES,
     FixedDepth,
     LognormalDepth,
     PoissonLognormalDepth,
@@ -41,14 +42,14 @@ def explicit_jacobian(block_fn, h):
 
 # ---- Jacobian products ------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("mode", JSRR_MODES)
 def test_products_equal_explicit_jacobian(norm_type, mode):
     model = tiny64(norm_type)
     h, f, _ = state_and_block(model)
     J = explicit_jacobian(f, h)
     v = random_unit_like(h, torch.Generator().manual_seed(0))
     u = jacobian_vector_product(f, h, v, mode, create_graph=False).reshape(-1)
-    want = J @ v.reshape(-1) if mode == "jvp" else J.T @ v.reshape(-1)
+    want = J.T @ v.reshape(-1) if mode == "vjp" else J @ v.reshape(-1)
     assert (u - want).abs().max() < 1e-6 * max(1.0, want.abs().max())
     assert want.abs().max() > 1e-3  # the test is not comparing zeros
 
@@ -67,7 +68,7 @@ def penalty_of(model, h, ids, mode, power_iters=1):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("mode", JSRR_MODES)
 @pytest.mark.parametrize("position", ["pre", "post_sandwich"])
 def test_penalty_gradient_matches_finite_differences(norm_type, mode, position):
     """torch 2.13's F.layer_norm gives wrong JVP parameter gradients; `jacobian_safe` must avoid that."""
@@ -98,7 +99,7 @@ def test_penalty_gradient_matches_finite_differences(norm_type, mode, position):
         assert abs(fd - analytic) <= 1e-5 * max(1.0, abs(fd)), (fd, analytic)
 
 
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("mode", JSRR_MODES)
 @pytest.mark.parametrize("injection", ["add", "linear"])
 def test_penalty_gradient_reaches_only_block_parameters(mode, injection):
     model = tiny64(n_prelude=1, n_coda=1, injection=injection, tie_word_embeddings=False)
@@ -112,6 +113,53 @@ def test_penalty_gradient_reaches_only_block_parameters(mode, injection):
             assert p.grad is None or p.grad.abs().max() == 0, name
 
 
+def test_central_difference_penalty_matches_the_exact_jvp_penalty():
+    """`fd` is a numerical J v: its penalty and the penalty's parameter gradient equal forward mode's."""
+    model = tiny64("layernorm")
+    h, _, ids = state_and_block(model)
+    params = model.block_parameters()
+    results = {}
+    for mode in ("jvp", "fd"):
+        model.zero_grad()
+        penalty = penalty_of(model, h, ids, mode)
+        penalty.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # None = no effect on J
+        results[mode] = float(penalty.detach()), torch.cat([g.flatten() for g in grads])
+    (p_jvp, g_jvp), (p_fd, g_fd) = results["jvp"], results["fd"]
+    assert abs(p_fd - p_jvp) < 1e-8 * p_jvp
+    assert (g_fd - g_jvp).norm() < 1e-7 * g_jvp.norm()
+
+
+def test_central_difference_in_float32_and_under_bf16_autocast():
+    """float32 keeps ~1e-4 of the exact product; bf16 autocast is switched off inside (it would not)."""
+    model = tiny64("layernorm")
+    h, f, _ = state_and_block(model)
+    v = random_unit_like(h, torch.Generator().manual_seed(0))
+    exact = jacobian_vector_product(f, h, v, "jvp", create_graph=False)
+    model32 = model.float()
+    h32, f32, _ = state_and_block(model32)
+    u32 = jacobian_vector_product(f32, h32, v.float(), "fd", create_graph=False)
+    assert u32.dtype == torch.float32
+    assert (u32.double() - exact).norm() < 1e-4 * exact.norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u_autocast = jacobian_vector_product(f32, h32, v.float(), "fd", create_graph=False)
+    assert (u_autocast.double() - exact).norm() < 1e-4 * exact.norm()
+
+
+def test_central_difference_uses_one_dropout_mask_for_both_points():
+    model = tiny64("layernorm", dropout=0.3).train()
+    h, f, _ = state_and_block(model)
+    v = random_unit_like(h, torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    exact = jacobian_vector_product(f, h, v, "jvp", create_graph=False)  # J of Phi with one mask
+    torch.manual_seed(123)
+    u = jacobian_vector_product(f, h, v, "fd", create_graph=False)
+    torch.manual_seed(124)
+    other_mask = jacobian_vector_product(f, h, v, "jvp", create_graph=False)
+    assert (other_mask - exact).norm() > 1e-2 * exact.norm()  # the masks matter ...
+    assert (u - exact).norm() < 1e-6 * exact.norm()  # ... and fd saw the same one at both points
+
+
 def known_spectrum_block(rho=1.7, d=12):
     """f(x) = tanh(x A^T) near 0: J ~ blockdiag(A), A non-symmetric with dominant real eigenvalue rho."""
     torch.manual_seed(0)
@@ -123,7 +171,7 @@ def known_spectrum_block(rho=1.7, d=12):
     return (lambda x: torch.tanh(x @ A.T)), h
 
 
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("mode", JSRR_MODES)
 def test_power_iterations_approach_the_spectral_radius(mode):
     f, h = known_spectrum_block()
     rho = float(torch.linalg.eigvals(explicit_jacobian(f, h)).abs().max())

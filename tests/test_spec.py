@@ -193,7 +193,8 @@ def test_loop_samplers_by_kind():
 def test_jsrr_bounds():
     assert not spec_of(stars={"jsrr": {"weight": 0}}).stars.jsrr.enabled
     assert spec_of(stars={"jsrr": {"batch_fraction": 1.0}}).stars.jsrr.batch_fraction == 1.0
-    for bad in ({"batch_fraction": 0}, {"batch_fraction": 1.5}, {"weight": 1.0}, {"mode": "fd"}):
+    assert spec_of(stars={"jsrr": {"mode": "fd"}}).stars.jsrr.mode == "fd"
+    for bad in ({"batch_fraction": 0}, {"batch_fraction": 1.5}, {"weight": 1.0}, {"mode": "finite"}):
         with pytest.raises(ValidationError):
             spec_of(stars={"jsrr": bad})
 
@@ -323,7 +324,7 @@ def test_five_mistakes_give_five_problems_with_lines_and_hints(tmp_path):
         f"{p}:4: data.digits: expected an integer >= 1, got 0",
         f"{p}:6: model.norm.type: expected one of 'layernorm', 'rmsnorm', 'simplenorm', got 'batchnorm'",
         f"{p}:9: train.lr: expected a number, got 'fast'",
-        f"{p}:11: stars.jsrr.mode: expected one of 'vjp', 'jvp', got 'vjpp'; did you mean 'vjp'?",
+        f"{p}:11: stars.jsrr.mode: expected one of 'vjp', 'jvp', 'fd', got 'vjpp'; did you mean 'vjp'?",
         f"{p}:12: resorces: unknown key; did you mean 'resources'?",
     ]
     file, path, line, message = problems[0]  # a problem is the tuple (file, dotted path, line, message)

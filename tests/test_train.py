@@ -92,6 +92,19 @@ def test_jsrr_off_before_start_step(tiny_spec, tmp_path):
     assert all(math.isclose(logged[s]["train/loss"], logged[s]["train/ce"]) for s in range(1, 5))
 
 
+def test_central_difference_mode_trains_like_forward_mode(tiny_spec, tmp_path):
+    """`stars.jsrr.mode: fd` is a numerical J v: the trainer logs the same penalty as exact `jvp`."""
+    logged: dict[str, dict] = {}
+    for mode in ("jvp", "fd"):
+        hooks = TrainHooks(console=lambda line: None,
+                           log_metrics=lambda m, step, mode=mode: logged.setdefault(mode, {}).setdefault(step, m))
+        train_loop(tiny_spec(**{"train.max_steps": 4, "train.log_every": 1, "stars.jsrr.mode": mode,
+                                "train.checkpoint_every": None}), hooks=hooks, checkpoint_root=tmp_path / mode)
+    for step in range(1, 5):
+        jvp, fd = logged["jvp"][step]["train/jsrr"], logged["fd"][step]["train/jsrr"]
+        assert jvp > 0 and fd == pytest.approx(jvp, rel=1e-3), step
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_spec, tmp_path):
     """4 micro-batches of 4 == one batch of 16 (the CE is a mean; accumulation divides by 4).
     JSRR is off here: its random vector is drawn per micro-batch, so it differs by design."""
