@@ -6,6 +6,11 @@
   STARS loss / the same step with plain CE, same depth and batch, for the three penalty modes (`vjp`
   double backward, `jvp` forward mode, `fd` central difference). Targets at depth 6: <= 1.3 on the
   whole batch, <= 1.1 with a quarter of the batch.
+- `penalty_in_loop_steps[mode]`: the whole-batch penalty's extra time at depth 6 in units of one loop
+  step of the CE train step ((ce@12 - ce@2) / 10). Any exact or consistent penalty needs two block
+  applications forward and backward (vjp: forward, J^T v, double backward; jvp: primal + tangent;
+  fd: two points) = 2 loop steps of matmul work, so at depth 6 the floor is ~1 + 2/6 = 1.33x when the
+  step is all loop (as here: vocab 15, no prelude/coda). `fd` sits at that floor.
 - `readout_ratio`: `forward_depths(1..16)` / one `model(depth=16)`. Target <= 1.15.
 """
 
@@ -67,6 +72,12 @@ def main() -> None:
             result["step_seconds"][f"{mode}/{fraction}@{depth}"] = round(t, 4)
             overhead = result["jsrr_overhead"].setdefault(mode, {}).setdefault(str(fraction), {})
             overhead[str(depth)] = round(t / base, 3)
+
+    steps = result["step_seconds"]
+    loop_step = (steps["ce@12"] - steps["ce@2"]) / 10
+    result["penalty_in_loop_steps"] = {
+        mode: round((steps[f"{mode}/1.0@6"] - steps["ce@6"]) / loop_step, 2) for mode in JSRR_MODES
+    }
 
     model.eval()
     with torch.no_grad():
