@@ -83,7 +83,7 @@ def test_validate_many_files_reports_each(tmp_path):
     result = runner.invoke(app, ["validate", str(ADDITION), str(bad), str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2
     assert f"OK {ADDITION}" in result.stdout
-    assert f"{bad}:5: stars.jsrr.mode: expected one of 'vjp', 'jvp', got 'vjpp'; did you mean 'vjp'?" in result.stderr
+    assert f"{bad}:5: stars.jsrr.mode: expected one of 'vjp', 'jvp', 'fd', got 'vjpp'; did you mean 'vjp'?" in result.stderr
     assert f"{tmp_path / 'missing.yaml'}: file not found" in result.stderr
     assert "Traceback" not in result.output
 
