@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from stars.model.norms import jacobian_safe
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 JsrrMode = Literal["vjp", "jvp", "fd"]
-JSRR_MODES: tuple[str, ...] = ("vjp", "jvp", "fd")
+JSRR_MODES: tuple[str, ...] = get_args(JsrrMode)
 
 
 # ---- loop samplers ------------------------------------------------------------------------------------
@@ -167,22 +167,10 @@ def _central_difference_jvp(block_fn: BlockFn, h: torch.Tensor, v: torch.Tensor,
     step = torch.finfo(h.dtype).eps ** (1.0 / 3.0) * h.norm().clamp(min=1.0)
     delta = step * v.to(h.dtype)
     with torch.autocast(h.device.type, enabled=False), torch.set_grad_enabled(create_graph):
-        rng = _rng_state(h.device)
-        plus = block_fn(h + delta)
-        _set_rng_state(h.device, rng)
+        with torch.random.fork_rng(devices=[h.device] if h.device.type == "cuda" else []):
+            plus = block_fn(h + delta)  # the RNG is rewound after this: minus draws the same masks
         u = (plus - block_fn(h - delta)) / (2.0 * step)
     return u
-
-
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 def jsrr_penalty(
