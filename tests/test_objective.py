@@ -146,6 +146,13 @@ def test_central_difference_in_float32_and_under_bf16_autocast():
     assert (u_autocast.double() - exact).norm() < 1e-4 * exact.norm()
 
 
+def test_central_difference_refuses_16_bit_weights():
+    model = tiny64("layernorm").to(torch.bfloat16)
+    h, f, _ = state_and_block(model)
+    with pytest.raises(ValueError, match="'fd' needs a float32 or wider state"):
+        jacobian_vector_product(f, h, random_unit_like(h), "fd", create_graph=False)
+
+
 def test_central_difference_uses_one_dropout_mask_for_both_points():
     model = tiny64("layernorm", dropout=0.3).train()
     h, f, _ = state_and_block(model)

@@ -190,6 +190,13 @@ def test_loop_samplers_by_kind():
         spec_of(stars={"loop_sampling": {"kind": "fixed", "mu": 1.0}})  # mu is a lognormal field
 
 
+def test_fd_jsrr_needs_float32_weights():
+    with pytest.raises(ValidationError, match="'fd' .* needs model.dtype float32, got 'bfloat16'"):
+        spec_of(model={"dtype": "bfloat16"}, stars={"jsrr": {"mode": "fd"}})
+    assert spec_of(model={"dtype": "bfloat16"}, stars={"jsrr": {"mode": "fd", "weight": 0}})  # JSRR off
+    assert spec_of(stars={"jsrr": {"mode": "fd"}}, train={"max_steps": 100, "precision": "bf16"})  # autocast
+
+
 def test_jsrr_bounds():
     assert not spec_of(stars={"jsrr": {"weight": 0}}).stars.jsrr.enabled
     assert spec_of(stars={"jsrr": {"batch_fraction": 1.0}}).stars.jsrr.batch_fraction == 1.0

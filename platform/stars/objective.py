@@ -159,11 +159,15 @@ def _central_difference_jvp(block_fn: BlockFn, h: torch.Tensor, v: torch.Tensor,
     The cube root of the machine epsilon balances truncation (O(eps^2)) against rounding
     (O(machine eps / eps)); scaling by ||h|| makes the step per element ~cbrt(machine eps) times the
     state's RMS whatever the batch size. Both applications draw the same dropout masks (the RNG is
-    rewound between them), else the difference would be mask noise. Needs float32 or wider: autocast
-    is off inside and a bf16/fp16 state is computed in float32 (bf16 rounding would swamp the difference).
+    rewound between them), else the difference would be mask noise. Needs float32 or wider weights and
+    state (16-bit rounding would swamp the difference); autocast is switched off inside.
     """
-    if h.dtype in (torch.float16, torch.bfloat16):
-        h, v = h.float(), v.float()
+    if torch.finfo(h.dtype).bits < 32:
+        raise ValueError(
+            f"jsrr mode 'fd' needs a float32 or wider state and weights, got {h.dtype}: a central "
+            "difference in 16 bits is rounding noise; use mode 'vjp' or 'jvp', or float32 weights "
+            "with bf16 autocast"
+        )
     step = torch.finfo(h.dtype).eps ** (1.0 / 3.0) * h.norm().clamp(min=1.0)
     delta = step * v.to(h.dtype)
     with torch.autocast(h.device.type, enabled=False), torch.set_grad_enabled(create_graph):

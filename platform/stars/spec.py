@@ -532,7 +532,7 @@ class JSRRSpec(_Section):
     mode: Literal["vjp", "jvp", "fd"] = "vjp"
     """`vjp`: u = J^T v by double backward (the research code's); `jvp`: u = J v by forward mode;
     `fd`: J v by a central difference of two plain block applications (~25% cheaper than `vjp` on
-    CPU, relative error ~1e-5 in float32; computed in float32 under bf16)."""
+    CPU, relative error ~1e-5 in float32; needs model.dtype float32; autocast is off inside it)."""
     power_iters: int = Field(default=1, ge=1, le=100)
     """Power-iteration steps for the estimate (1 = the paper's)."""
     start_step: int = Field(default=0, ge=0)
@@ -943,6 +943,18 @@ def cross_section_errors(sections: Mapping[str, Any]) -> list[InitErrorDetails]:
                     f"must be >= {need}, the longest {data.task} sequence (positions are learned), "
                     f"got {model.max_position_embeddings}",
                     model.max_position_embeddings,
+                )
+            )
+    stars = sections.get("stars")
+    if model is not None and stars is not None and stars.jsrr.enabled and stars.jsrr.mode == "fd":
+        if model.dtype != "float32":
+            errors.append(
+                _cross_error(
+                    ("stars", "jsrr", "mode"),
+                    f"'fd' (a central difference) needs model.dtype float32, got {model.dtype!r}: in "
+                    "16-bit weights the difference is rounding noise; use 'vjp' or 'jvp', or float32 "
+                    "weights with train.precision bf16",
+                    stars.jsrr.mode,
                 )
             )
     if ev is not None and data is not None and ev.tasks:
