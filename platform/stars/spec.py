@@ -905,8 +905,8 @@ def fill_derived_defaults(sections: Mapping[str, Any]) -> None:
 def cross_section_errors(sections: Mapping[str, Any]) -> list[InitErrorDetails]:
     """Rules across sections; a rule is checked only when all the sections it reads are given."""
     errors: list[InitErrorDetails] = []
-    model, data, train, resources, ev = (
-        sections.get(k) for k in ("model", "data", "train", "resources", "eval")
+    model, data, train, resources, ev, stars = (
+        sections.get(k) for k in ("model", "data", "train", "resources", "eval", "stars")
     )
     if train is not None and resources is not None:
         workers = resources.num_workers
@@ -945,7 +945,6 @@ def cross_section_errors(sections: Mapping[str, Any]) -> list[InitErrorDetails]:
                     model.max_position_embeddings,
                 )
             )
-    stars = sections.get("stars")
     if model is not None and stars is not None and stars.jsrr.enabled and stars.jsrr.mode == "fd":
         if model.dtype != "float32":
             errors.append(
