@@ -21,8 +21,9 @@ import json
 
 import torch
 
-from stars.evaluate import addition_teacher_forced, generate_depths
+from stars.evaluation import generate_depths, teacher_forced
 from stars.model import LoopLM, LoopLMConfig
+from stars.tasks import eval_task
 from stars.tasks.addition import AdditionTokenizer, generate_problems
 from timing import paired_times  # benchmarks/timing.py (this script's directory)
 
@@ -76,10 +77,10 @@ def main() -> None:
     problems = generate_problems(args.problems, 4, seed=0)
 
     def one_pass():
-        return addition_teacher_forced(model, problems, tok, DEPTHS, args.batch)
+        return teacher_forced(eval_task("addition"), model, problems, tok, DEPTHS, args.batch)
 
     def sixteen_passes():
-        return {d: addition_teacher_forced(model, problems, tok, [d], args.batch)[0][d] for d in DEPTHS}
+        return {d: teacher_forced(eval_task("addition"), model, problems, tok, [d], args.batch)[0][d] for d in DEPTHS}
 
     together, separate = one_pass()[0], sixteen_passes()
     assert all(torch.equal(together[d], separate[d]) for d in DEPTHS)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stars.spec_loader import load_spec
+from stars.spec import load_spec
 from stars.train import TrainHooks, train_loop
 
 

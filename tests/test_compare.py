@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from stars.cli import app
 from stars.compare import CompareError, compare, format_table
-from stars.evaluate import TaskEval, log_task_eval, summarize
+from stars.evaluation import TaskEval, summary_metrics
 from stars.spec import JobSpec, resolve_spec, sweep_trials
-from stars.tracking import Tracker
+from stars.tracking import Tracker, log_task_eval
 
 runner = CliRunner()
 GIT = ("0123abc", False)
@@ -26,7 +26,12 @@ CURVES = {
 def task_eval(task: str, acc: dict[int, float]) -> TaskEval:
     dyn = {"hidden_norm": {d: 5.0 + d for d in acc}, "step_size": {d: 1.0 / d for d in acc},
            "dist_from_start": {d: float(d) for d in acc}, "rho": {4: 0.9}}
-    return TaskEval(task, "teacher_forced", 50, dict(acc), dyn, summarize(task, acc), 0.1)
+    return TaskEval(task, "teacher_forced", 50, dict(acc), dyn, summary_metrics(task, acc), 0.1)
+
+
+def log_eval(tracker: Tracker, eval_run: str, trial_run: str, step: int, ev: TaskEval) -> None:
+    """What an Evaluator logs for the task it measures the dynamics on."""
+    log_task_eval(tracker, eval_run, trial_run, step=step, curves=ev.curves(), summary=ev.summary)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def store(tmp_path_factory) -> dict:
         trials.append(run)
         for step, acc in CURVES[trial.index].items():
             ev = tracker.start_eval(run, step)
-            log_task_eval(tracker, ev, run, step, task_eval("addition", acc))
+            log_eval(tracker, ev, run, step, task_eval("addition", acc))
             tracker.end(ev)
     return {"uri": uri, "job": job, "trials": trials, "root": root, "tracker": tracker}
 
@@ -129,13 +134,7 @@ def test_starsctl_compare_user_errors_exit_2(store, args, messages, tmp_path):
 def test_log_task_eval_is_idempotent(store):
     tracker, trial = store["tracker"], store["trials"][1]
     ev = tracker.start_eval(trial, 20)  # the existing eval run
-    log_task_eval(tracker, ev, trial, 20, task_eval("addition", CURVES[1][20]))  # a retried unit
+    log_eval(tracker, ev, trial, 20, task_eval("addition", CURVES[1][20]))  # a retried unit
     assert len(tracker.metric_history(ev, "addition/acc")) == 16
+    assert tracker.metric_history(ev, "dyn/rho") == [(4, 0.9)]
     assert [s for s, _ in tracker.metric_history(trial, "addition/peak_acc")] == [10, 20]
-
-
-def test_plot_path_without_suffix_reports_the_file_really_written(tmp_path):
-    from stars.evaluate import plot_depth_curves
-
-    out = plot_depth_curves({"a": {1: 0.5, 2: 1.0}}, tmp_path / "curves")
-    assert out == tmp_path / "curves.png" and out.is_file()

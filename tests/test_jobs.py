@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stars.spec import JobSpec, spec_warnings, sweep_trials
-from stars.spec_loader import load_spec
+from stars.spec import JobSpec, load_spec, spec_warnings, sweep_trials
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 JOB_FILES = sorted(JOBS.glob("*.yaml")) + sorted(JOBS.glob("*.yml"))

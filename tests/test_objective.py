@@ -7,10 +7,6 @@ import torch
 from stars.model import NORM_TYPES, LoopLM, LoopLMConfig
 from stars.objective import (
     JSRR_MODES,
-    FixedDepth,
-    LognormalDepth,
-    PoissonLognormalDepth,
-    UniformDepth,
     jacobian_vector_product,
     jsrr_penalty,
     random_unit_like,
@@ -224,48 +220,6 @@ def test_spectral_radius_of_a_looplm_block():
         if checked == 3:
             break
     assert checked >= 1, "no random block met the precondition; widen the seed range"
-
-
-# ---- loop samplers ------------------------------------------------------------------------------------------
-def test_lognormal_sampler_statistics():
-    sampler = LognormalDepth(mu=1.7, sigma=0.4, min=1, max=16, seed=0)
-    draws = np.array([sampler(step) for step in range(100_000)])
-    assert abs(draws.mean() - 5.9) <= 0.1
-    assert np.median(draws) == 5
-    assert draws.min() >= 1 and draws.max() <= 16
-
-
-@pytest.mark.parametrize(
-    "sampler",
-    [LognormalDepth(seed=3), PoissonLognormalDepth(seed=3), UniformDepth(1, 16, seed=3), FixedDepth(4)],
-)
-def test_samplers_are_pure_functions_of_seed_and_step(sampler):
-    again = type(sampler)(**sampler.__dict__)  # e.g. another DDP rank, or a resumed run
-    seq = [sampler(s) for s in range(200)]
-    assert seq == [again(s) for s in range(200)]
-    assert all(isinstance(t, int) and t >= 1 for t in seq)
-    if not isinstance(sampler, FixedDepth):
-        assert len(set(seq)) > 3
-        other = type(sampler)(**{**sampler.__dict__, "seed": 4})
-        assert seq != [other(s) for s in range(200)]
-
-
-def test_poisson_lognormal_mean_and_truncation():
-    sampler = PoissonLognormalDepth(mean=8.0, sigma=0.5, min=1, max=200, seed=0, backprop_depth=4)
-    draws = np.array([sampler(s) for s in range(20_000)])
-    assert abs(draws.mean() - 9.0) < 0.2  # E[Poisson(exp(N(log m - s^2/2, s)))] + 1 = m + 1
-    assert sampler.backprop_depth == 4
-
-
-def test_uniform_sampler_covers_its_range():
-    draws = {UniformDepth(2, 5, seed=0)(s) for s in range(500)}
-    assert draws == {2, 3, 4, 5}
-
-
-@pytest.mark.parametrize("bad", [dict(min=0), dict(min=5, max=4)])
-def test_sampler_bad_range(bad):
-    with pytest.raises(ValueError):
-        LognormalDepth(**bad)
 
 
 # ---- the STARS loss -------------------------------------------------------------------------------------------

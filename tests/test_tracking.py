@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stars.evaluation import depth_table_csv, summary_metrics
 from stars.spec import JobSpec, resolve_spec, spec_hash, sweep_trials
 from stars.tracking import (
     TAG_KIND,
@@ -22,12 +23,11 @@ from stars.tracking import (
     TAG_RUN_KEY,
     TRAIN_METRICS,
     Tracker,
-    depth_table_csv,
     eval_run_name,
     git_info,
+    log_task_eval,
     ray_job_id,
     resolve_tracking_uri,
-    summary_metrics,
 )
 
 BASE = {"name": "trk", "data": {"task": "addition"}, "train": {"max_steps": 100}}
@@ -57,25 +57,7 @@ def read_artifact(tracker: Tracker, run_id: str, path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- pure
-def test_summary_metrics():
-    acc = {1: 0.4, 2: 0.9, 4: 1.0, 8: 0.8, 12: 1.0, 16: 0.25}
-    s = summary_metrics("addition", acc)
-    assert s == {
-        "addition/peak_acc": 1.0,
-        "addition/best_depth": 4.0,
-        "addition/acc_at_4": 1.0,
-        "addition/acc_at_8": 0.8,
-        "addition/acc_at_16": 0.25,
-        "addition/drop_at_8": pytest.approx(0.2),
-        "addition/drop_at_16": pytest.approx(0.75),
-    }
-    assert summary_metrics("gsm8k", {1: 0.0, 8: 0.0})["gsm8k/drop_at_8"] == 0.0
-    assert "gsm8k/acc_at_16" not in summary_metrics("gsm8k", {4: 0.5})
-    assert summary_metrics("x", {}) == {}
-
-
-def test_depth_table_and_names():
-    assert depth_table_csv({"a/acc": {1: 0.5, 2: 1.0}, "dyn/rho": {2: 0.9}}) == "depth,a/acc,dyn/rho\n1,0.5,\n2,1.0,0.9\n"
+def test_eval_run_name():
     assert eval_run_name(1200) == "eval@step=1200"
 
 
@@ -181,13 +163,16 @@ def test_training_metrics_at_optimizer_steps(tracker, store):
     assert set(TRAIN_METRICS) <= logged and "skipped" not in logged
 
 
-def test_eval_runs_log_depth_curves_and_the_trial_gets_summaries(tracker, store):
+def test_eval_runs_log_depth_curves_and_the_trial_gets_summaries(tracker, store, tmp_path):
     trial = tracker.start_job(make_spec(store, name="job-f"), git=GIT)
     acc = {d: min(1.0, d / 4) for d in range(1, 17)}
+    curves = {"addition/acc": acc, "dyn/hidden_norm": {d: 10.0 + d for d in acc}, "dyn/rho": {4: 0.9}}
+    table = tmp_path / "depth_curves.csv"
+    table.write_text(depth_table_csv(curves))
     for step in (500, 1000):
         ev = tracker.start_eval(trial, step)
-        tracker.log_depth_curves(ev, {"addition/acc": acc, "dyn/hidden_norm": {d: 10.0 + d for d in acc}, "dyn/rho": {4: 0.9}})
-        tracker.log_eval_summary(trial, step, {"addition": acc})
+        log_task_eval(tracker, ev, trial, step=step, curves=curves, summary=summary_metrics("addition", acc),
+                      files=[table])
         tracker.end(ev)
     evals = tracker.child_runs(trial, kind="eval")
     assert sorted(r.info.run_name for r in evals) == ["eval@step=1000", "eval@step=500"]
@@ -200,6 +185,22 @@ def test_eval_runs_log_depth_curves_and_the_trial_gets_summaries(tracker, store)
     assert tracker.metric_history(trial, "addition/peak_acc") == [(500, 1.0), (1000, 1.0)]
     assert tracker.metric_history(trial, "addition/drop_at_16") == [(500, 0.0), (1000, 0.0)]
     assert tracker.start_eval(trial, 500) == ev500.info.run_id  # re-evaluating reuses the run
+
+
+def test_batches_larger_than_the_store_accepts_are_split_by_mlflow(tracker, store):
+    """`Tracker` hands whole lists to `MlflowClient.log_batch`, which chunks them (<= 1000 metrics,
+    <= 100 params/tags per store call); a store call over those limits would be rejected."""
+    run = tracker.start_job(make_spec(store, name="job-h"), git=GIT)
+    tracker.log_params(run, {f"extra.p{i}": i for i in range(250)})
+    tracker.set_tags(run, {f"extra.t{i}": i for i in range(250)})
+    tracker.log_metrics(run, {f"m/{i}": float(i) for i in range(1500)}, step=1)
+    ev = tracker.start_eval(run, 1)
+    log_task_eval(tracker, ev, run, step=1, curves={f"t{i}/acc": {d: 0.5 for d in range(1, 17)} for i in range(80)},
+                  summary={"t0/peak_acc": 0.5})
+    data = tracker.client.get_run(run).data
+    assert data.params["extra.p249"] == "249" and data.tags["extra.t249"] == "249"
+    assert len([k for k in data.metrics if k.startswith("m/")]) == 1500
+    assert len(tracker.metric_history(ev, "t79/acc")) == 16  # 80 x 16 = 1280 points in one call
 
 
 def test_runs_are_safe_to_use_from_another_tracker(tracker, store):
@@ -264,9 +265,11 @@ def test_tracking_server_over_http(mlflow_server, tmp_path):
     job = tracker.start_job(spec, git=GIT)
     tracker.log_train_step(job, 5, {"loss": 0.5, "lr": 1e-3})
     ev = tracker.start_eval(job, 5)
-    tracker.log_depth_curves(ev, {"addition/acc": {1: 0.5, 2: 1.0}})
+    log_task_eval(tracker, ev, job, step=5, curves={"addition/acc": {1: 0.5, 2: 1.0}},
+                  summary={"addition/peak_acc": 1.0})
     assert tracker.start_job(spec, git=GIT) == job
     assert tracker.metric_history(job, "train/loss") == [(5, 0.5)]
     assert tracker.metric_history(ev, "addition/acc") == [(1, 0.5), (2, 1.0)]
+    assert tracker.metric_history(job, "addition/peak_acc") == [(5, 1.0)]
     assert yaml.safe_load(read_artifact(tracker, job, "spec/resolved.yaml"))["name"] == "http-job"
     assert tracker.client.get_run(ev).data.tags[TAG_PARENT] == job

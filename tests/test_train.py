@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from stars.checkpoint import load_trainer_state
 from stars.model import LoopLM
 from stars.train import (
     BatchPlan,
     TrainHooks,
     build_sampler,
-    load_trainer_state,
     lr_multiplier,
     param_checksum,
     train_loop,
@@ -119,3 +119,59 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_spec, tmp_path):
     assert abs(param_checksum(a) - param_checksum(b)) < 1e-6 * abs(param_checksum(a))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# ---- the model section is honoured: weights' dtype and trust_remote_code -----------------------------------
+def test_build_model_keeps_weights_in_model_dtype(tiny_spec, tmp_path):
+    from stars.spec import apply_overrides
+    from stars.tasks import training_task
+    from stars.train import build_model
+
+    spec = tiny_spec()
+    task = training_task(spec.data.task).build(spec)
+    assert {p.dtype for p in build_model(spec, task).parameters()} == {torch.float32}
+    bf16 = apply_overrides(spec, {"model.dtype": "bfloat16", "stars.jsrr.mode": "vjp"})
+    assert {p.dtype for p in build_model(bf16, task).parameters()} == {torch.bfloat16}
+    build_model(spec, task).save_pretrained(tmp_path / "saved")
+    loaded = apply_overrides(spec, {"model": {"source": "pretrained", "pretrained": str(tmp_path / "saved"),
+                                              "dtype": "bfloat16"}})
+    assert {p.dtype for p in build_model(loaded, task).parameters()} == {torch.bfloat16}
+
+
+CUSTOM_TOKENIZER = '''
+from transformers import PreTrainedTokenizerFast
+
+
+class MarkedTokenizer(PreTrainedTokenizerFast):
+    """The checkpoint's own code: loaded only with trust_remote_code."""
+'''
+
+
+def test_trust_remote_code_reaches_the_tokenizer(tiny_spec, tmp_path):
+    import json
+    from pathlib import Path
+
+    from stars.spec import apply_overrides
+    from stars.tasks import training_task
+    from stars.tasks.testing import build_tiny_chat_tokenizer
+
+    fixtures = Path(__file__).parent / "tasks" / "fixtures" / "numina"
+    texts = [v for line in (fixtures / "train.jsonl").read_text().splitlines() for v in json.loads(line).values()
+             if isinstance(v, str)]
+    model_dir = build_tiny_chat_tokenizer(tmp_path / "ckpt", texts=texts, vocab_size=400)
+    (model_dir / "custom_tok.py").write_text(CUSTOM_TOKENIZER)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tok.MarkedTokenizer"]}
+    config_path.write_text(json.dumps(config))
+
+    def tokenizer_class(trust: bool) -> str:
+        spec = apply_overrides(tiny_spec(), {
+            "model": {"source": "pretrained", "pretrained": str(model_dir), "trust_remote_code": trust},
+            "data": {"task": "math_sft", "dataset": str(fixtures / "train.jsonl"), "max_seq_len": 512},
+            "eval": {"tasks": [], "depths": "1-4"},
+        })
+        return type(training_task(spec.data.task).build(spec).tokenizer).__name__
+
+    assert tokenizer_class(True) == "MarkedTokenizer"
+    assert tokenizer_class(False) != "MarkedTokenizer"

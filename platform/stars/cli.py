@@ -15,14 +15,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from typer.core import TyperGroup
+
+from stars.errors import EXIT_USER_ERROR, UserError
 
 if TYPE_CHECKING:
     from stars.spec import JobSpec
 
-EXIT_USER_ERROR = 2
+
+class _StarsGroup(TyperGroup):
+    """The one place where a user error becomes exit code 2: its lines on stderr, no traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            for line in exc.lines():
+                typer.echo(line, err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
 
 app = typer.Typer(
     name="starsctl",
+    cls=_StarsGroup,
     help="Train and evaluate looped LMs with STARS on Ray, tracked in MLflow.",
     no_args_is_help=True,
     add_completion=False,
@@ -49,13 +64,9 @@ def _fail(lines: list[str] | str, code: int = EXIT_USER_ERROR) -> NoReturn:
 
 
 def _load(path: Path, overrides: list[str]) -> JobSpec:
-    from stars.spec_loader import SpecError, load_spec
+    from stars.spec import load_spec
 
-    try:
-        return load_spec(path, overrides)
-    except SpecError as exc:
-        n = len(exc.problems)
-        _fail([str(p) for p in exc.problems] + [f"{path}: {n} problem{'s' if n != 1 else ''}"])
+    return load_spec(path, overrides)  # a SpecError is a UserError: exit 2 with every problem
 
 
 def _version(value: bool) -> None:
@@ -85,26 +96,23 @@ def validate(
     show: Annotated[bool, typer.Option("--show", help="Print the resolved spec of each valid file.")] = False,
 ) -> None:
     """Check job specs: every problem of every file, with its line. Exit 2 if any is invalid."""
-    from stars.spec import resolved_yaml, spec_warnings
-    from stars.spec_loader import SpecError, load_spec
+    from stars.spec import SpecError, load_spec, resolved_yaml, spec_warnings
 
     bad = 0
     for path in files:
         try:
             spec = load_spec(path, overrides)
-        except SpecError as exc:
+        except SpecError as exc:  # report it and go on with the next file
             bad += 1
-            for problem in exc.problems:
-                typer.echo(str(problem), err=True)
-            n = len(exc.problems)
-            typer.echo(f"{path}: {n} problem{'s' if n != 1 else ''}", err=True)
+            for line in exc.lines():
+                typer.echo(line, err=True)
             continue
         for warning in spec_warnings(spec):
             typer.echo(f"{path}: warning: {warning}", err=True)
         trials = f", {spec.sweep.num_trials} trials" if spec.sweep.grid else ""
         typer.echo(f"OK {path} ({spec.name}{trials})")
         if show:
-            typer.echo(resolved_yaml(spec))
+            typer.echo(resolved_yaml(spec, redact=True))  # printed: never show secret values
     if bad:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -150,7 +158,7 @@ def submit(
     for warning in spec_warnings(spec, address):
         typer.echo(f"{file}: warning: {warning}", err=True)
     if dry_run:
-        typer.echo(resolved_yaml(spec), nl=False)
+        typer.echo(resolved_yaml(spec, redact=True), nl=False)  # printed: never show secret values
         return
     try:
         from stars.ray_backend.submit import submit as ray_submit
@@ -158,18 +166,12 @@ def submit(
         if exc.name not in ("stars.ray_backend", "stars.ray_backend.submit"):
             raise
         _fail("starsctl submit: the Ray backend (stars.ray_backend.submit) is not installed", code=1)
-    from stars.run import UserError
-
-    try:
-        result = ray_submit(spec, spec_path=file, address=address)
-    except UserError as exc:
-        _fail(f"{file}: {exc}")
+    result = ray_submit(spec, spec_path=file, address=address)
     if result is not None:
         typer.echo(str(result))
 
 
-# Issue 5: `starsctl eval CHECKPOINT --task T --depths 1-16` and `starsctl compare RUN...`; heavy
-# imports (torch, mlflow) inside the command bodies.
+# `starsctl eval` and `starsctl compare`: heavy imports (torch, mlflow) inside the command bodies.
 def _depths_option(value: str, option: str) -> list[int]:
     from stars.spec import parse_depths
 
@@ -224,15 +226,13 @@ def eval_checkpoint(
         _fail(f"checkpoint {str(checkpoint)!r} does not exist")
     import json
 
-    from stars.evaluate import EvalInputError, evaluate_checkpoint, format_task_table, write_task_artifacts
+    from stars.evaluation import evaluate_checkpoint, format_task_table, write_task_artifacts
 
-    try:
-        result = evaluate_checkpoint(
-            checkpoint, tasks or None, depth_list, rho_list, rho_iters, limit, batch_size, max_new_tokens,
-            benchmark_paths=paths, device=device,
-        )
-    except EvalInputError as exc:
-        _fail(str(exc))
+    # EvalInputError and CheckpointError are UserErrors: `_StarsGroup` turns them into exit code 2.
+    result = evaluate_checkpoint(
+        checkpoint, tasks or None, depth_list, rho_list, rho_iters, limit, batch_size, max_new_tokens,
+        benchmark_paths=paths, device=device,
+    )
     if out is not None:
         for ev in result.tasks.values():
             write_task_artifacts(ev, out, result.step)

@@ -6,7 +6,7 @@ A reference on the command line may be an experiment name (every trial in it), a
 name (an eval run itself, a trial run, or a job run whose trials are compared). Per trial the
 latest evaluated checkpoint is used unless `step` or `all_steps` says otherwise.
 
-No torch, no Ray: MLflow and (for the PNG) matplotlib only.
+No torch, no Ray: MLflow, and `stars.evaluation` for the summary and (matplotlib) the PNG.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TAG_KIND = "stars.kind"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_STEP = "stars.step"
+from stars.errors import UserError
+from stars.evaluation.reports import plot_depth_curves
+from stars.evaluation.summary import DROP_DEPTHS, summary_metrics
+from stars.tracking import TAG_KIND, TAG_PARENT, TAG_STEP, resolve_tracking_uri
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _ACC = re.compile(r"^(?P<task>[^/]+)/acc$")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """What the user asked for does not exist; the message lists what does."""
 
 
@@ -203,8 +205,6 @@ def compare(
     `png` when given. `task=None` works when the runs hold exactly one task."""
     from mlflow.tracking import MlflowClient
 
-    from stars.tracking import resolve_tracking_uri, summary_metrics
-
     if not refs:
         raise CompareError("name at least one experiment, run id or run name to compare")
     uri = resolve_tracking_uri(tracking_uri)
@@ -241,25 +241,29 @@ def compare(
 
 def plot_comparison(comp: Comparison, path: str | Path) -> Path:
     """One PNG overlaying every compared depth curve."""
-    from stars.evaluate import plot_depth_curves
-
     comp.png = plot_depth_curves({c.label: c.acc for c in comp.curves}, path, title=f"{comp.task}: accuracy vs depth")
     return comp.png
 
 
+def _drop_cell(summary: dict[str, float], task: str, depth: int) -> str:
+    key = f"{task}/drop_at_{depth}"
+    return f"{100 * summary[key]:.1f}%" if key in summary else "-"
+
+
 def format_table(comp: Comparison) -> str:
-    """Rows = runs, columns = depths, then peak (at depth), drop@8 and drop@16 (relative, %)."""
+    """Rows = runs, columns = depths, then peak (at depth) and the relative drop from it at each of
+    `DROP_DEPTHS` (drop@8, drop@16, in %)."""
     t = comp.task
     width = max([len("run"), *(len(c.label) for c in comp.curves)])
     head = f"{'run':<{width}} " + " ".join(f"{d:>5}" for d in comp.depths)
-    head += f" {'peak':>10} {'drop@8':>7} {'drop@16':>7}"
+    head += f" {'peak':>10} " + " ".join(f"{f'drop@{d}':>7}" for d in DROP_DEPTHS)
     lines = [f"{t}/acc by depth", head]
     for c in comp.curves:
         cells = " ".join(f"{c.acc[d]:>5.3f}" if d in c.acc else f"{'-':>5}" for d in comp.depths)
         s = c.summary
         peak = f"{s[f'{t}/peak_acc']:.3f}@{int(s[f'{t}/best_depth'])}" if f"{t}/peak_acc" in s else "-"
-        drops = [f"{100 * s[f'{t}/drop_at_{d}']:.1f}%" if f"{t}/drop_at_{d}" in s else "-" for d in (8, 16)]
-        lines.append(f"{c.label:<{width}} {cells} {peak:>10} {drops[0]:>7} {drops[1]:>7}")
+        drops = " ".join(f"{_drop_cell(s, t, d):>7}" for d in DROP_DEPTHS)
+        lines.append(f"{c.label:<{width}} {cells} {peak:>10} {drops}")
     for label in comp.skipped:
         lines.append(f"(skipped {label}: no {t}/acc)")
     return "\n".join(lines)

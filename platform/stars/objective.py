@@ -1,4 +1,4 @@
-"""The STARS objective: loop-depth samplers, the JSRR penalty, and the combined loss.
+"""The STARS objective: the JSRR penalty and the combined loss (the loop samplers are the spec's).
 
     loss = (1 - lambda) * CE(depth t) + lambda * ||J v||^2,   t ~ LoopSampler,  lambda = 0.1 (paper)
 
@@ -13,103 +13,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Protocol, get_args
 
-import numpy as np
 import torch
 
-from stars.model.looplm import LoopLM, causal_lm_loss, check_depth
+from stars.model.looplm import LoopLM, causal_lm_loss
 from stars.model.norms import jacobian_safe
+from stars.spec.stars import JsrrMode  # the spec's `stars.jsrr.mode` choices, defined once
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
-JsrrMode = Literal["vjp", "jvp", "fd"]
 JSRR_MODES: tuple[str, ...] = get_args(JsrrMode)
 
 
 # ---- loop samplers ------------------------------------------------------------------------------------
 class LoopSampler(Protocol):
     """Depth for a training step. A pure function of (seed, step): every DDP rank draws the same depth
-    in a step without communicating, and a resumed run continues the same depth sequence."""
+    in a step without communicating, and a resumed run continues the same depth sequence.
 
-    backprop_depth: int | None
+    The samplers are the spec's models (`stars.spec.stars`: fixed, lognormal, poisson_lognormal,
+    uniform); `sampling.bind(seed)` gives this callable (`stars.train.build_sampler`)."""
+
+    @property
+    def backprop_depth(self) -> int | None: ...
 
     def __call__(self, step: int) -> int: ...
-
-
-def _rng(seed: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step])
-
-
-@dataclass(frozen=True)
-class FixedDepth:
-    depth: int
-    backprop_depth: int | None = None
-
-    def __post_init__(self):
-        check_depth(self.depth)
-
-    def __call__(self, step: int) -> int:
-        return self.depth
-
-
-@dataclass(frozen=True)
-class LognormalDepth:
-    """STARS: t = clip(round(lognormal(mu, sigma)), min, max); mu, sigma of the underlying normal."""
-
-    mu: float = 1.7
-    sigma: float = 0.4
-    min: int = 1
-    max: int = 16
-    seed: int = 0
-    backprop_depth: int | None = None
-
-    def __post_init__(self):
-        _check_range(self.min, self.max)
-
-    def __call__(self, step: int) -> int:
-        t = round(_rng(self.seed, step).lognormal(self.mu, self.sigma))
-        return int(min(max(t, self.min), self.max))
-
-
-@dataclass(frozen=True)
-class PoissonLognormalDepth:
-    """Huginn: r = Poisson(exp(N(log(mean) - sigma^2/2, sigma))) + 1, usually with truncated backprop
-    through the last `backprop_depth` steps."""
-
-    mean: float = 8.0
-    sigma: float = 0.5
-    min: int = 1
-    max: int = 64
-    seed: int = 0
-    backprop_depth: int | None = 8
-
-    def __post_init__(self):
-        _check_range(self.min, self.max)
-
-    def __call__(self, step: int) -> int:
-        rng = _rng(self.seed, step)
-        rate = math.exp(rng.normal(math.log(self.mean) - self.sigma**2 / 2, self.sigma))
-        return int(min(max(rng.poisson(rate) + 1, self.min), self.max))
-
-
-@dataclass(frozen=True)
-class UniformDepth:
-    min: int = 1
-    max: int = 16
-    seed: int = 0
-    backprop_depth: int | None = None
-
-    def __post_init__(self):
-        _check_range(self.min, self.max)
-
-    def __call__(self, step: int) -> int:
-        return int(_rng(self.seed, step).integers(self.min, self.max + 1))
-
-
-def _check_range(low: int, high: int) -> None:
-    check_depth(low)
-    if high < low:
-        raise ValueError(f"loop sampler max={high} must be >= min={low}")
 
 
 # ---- Jacobian products ----------------------------------------------------------------------------------

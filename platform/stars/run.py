@@ -1,104 +1,31 @@
-"""The job driver: `python -m stars.run JOB.yaml [--set k=v ...]`. The same code runs on a laptop
-(embedded local Ray) and as a Ray Jobs entrypoint on a cluster.
-
-One MLflow run per job; one trial per sweep point (a child run), each trained by Ray Train.
-"""
+"""`python -m stars.run JOB.yaml [--set k=v ...]`: the entry point of a job, on a laptop (embedded local
+Ray) and as the Ray Jobs entrypoint on a cluster. Thin on purpose: the driver is
+`stars.ray_backend.job.run_job`."""
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from stars.spec import JobSpec
-
-
-class UserError(ValueError):
-    """A spec that validates but cannot run here; reported without a traceback (exit 2)."""
-
-
-@dataclass
-class JobResult:
-    job_run_id: str | None
-    tracking_uri: str | None
-    trials: list = field(default_factory=list)  # ray_backend.training.TrialResult
-    wall_seconds: float = 0.0
-
-
-def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:
-    """Run every trial of the job on Ray Train, tracked in MLflow (rank 0 / this driver only)."""
-    from stars.spec import UNSUPPORTED_SOURCES
-
-    if spec.model.source in UNSUPPORTED_SOURCES:  # before Ray starts: no cluster time spent
-        raise UserError(UNSUPPORTED_SOURCES[spec.model.source])
-    from stars.ray_backend.cluster import ensure_ray
-    from stars.ray_backend.evaluation import EvaluationService
-    from stars.ray_backend.training import run_name_for, run_trial
-    from stars.spec import resolve_spec, sweep_trials
-    from stars.tracking import Tracker
-
-    start = time.perf_counter()
-    spec = resolve_spec(spec)
-    tracker = Tracker.from_spec(spec) if spec.tracking.enabled else None
-    ensure_ray(address)
-    job_run = tracker.start_job(spec) if tracker else None
-    if tracker:
-        console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")
-    result = JobResult(job_run, spec.tracking.uri if tracker else None)
-    # Evaluation actors live for the whole job, apart from the training workers (issue 5).
-    evaluation = EvaluationService(spec).start() if EvaluationService.wanted(spec) else None
-    try:
-        trials = sweep_trials(spec)
-        for trial in trials:
-            if len(trials) > 1:
-                console(f"[stars] trial {trial.index + 1}/{len(trials)}: {trial.key}")
-            trial_run = tracker.start_trial(job_run, trial) if tracker else None
-            trial_key = trial.key if trial.assignments else None
-            run_dir = os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, trial_key))
-            validation = evaluation.validation_config(trial.spec, trial_run, run_dir) if evaluation else None
-            outcome = run_trial(trial.spec, run_id=trial_run, trial_key=trial_key, validation_config=validation)
-            if evaluation:  # fit() waited for the validations; score whatever is still missing
-                evaluation.finish_trial(trial.spec, trial_run, outcome.storage_dir, outcome.checkpoint_path)
-            result.trials.append(outcome)
-            if tracker:
-                tracker.set_tags(trial_run, {"stars.checkpoint": outcome.checkpoint_path or "",
-                                             "stars.ray_run": outcome.run_name})
-                if trial_run != job_run:
-                    tracker.end(trial_run)
-            console(f"[stars] {trial.key}: final checkpoint {outcome.checkpoint_path}")
-    except BaseException:
-        if tracker:
-            tracker.end(job_run, "FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
-    finally:
-        if evaluation:
-            evaluation.stop()
-    if tracker:
-        tracker.end(job_run)
-    result.wall_seconds = time.perf_counter() - start
-    console(f"[stars] job {spec.name!r} done in {result.wall_seconds:.0f} s")
-    return result
+from stars.errors import EXIT_USER_ERROR, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from stars.spec_loader import SpecError, load_spec
-
     parser = argparse.ArgumentParser(prog="python -m stars.run", description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--address", default=None)
     args = parser.parse_args(argv)
     try:
-        spec = load_spec(args.spec, args.overrides)
-    except SpecError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
-    run_job(spec, address=args.address)
+        from stars.ray_backend.job import run_job
+        from stars.spec import load_spec
+
+        run_job(load_spec(args.spec, args.overrides), address=args.address)
+    except UserError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -8,33 +8,22 @@ batch rows from a seeded permutation per epoch, and dropout/JSRR randomness from
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from stars.checkpoint import MODEL_DIR, load_trainer_state, save_checkpoint, step_dir_name
 from stars.model import LoopLM, LoopLMConfig
-from stars.objective import (
-    FixedDepth,
-    LognormalDepth,
-    LoopSampler,
-    PoissonLognormalDepth,
-    UniformDepth,
-    stars_loss,
-)
-from stars.spec import UNSUPPORTED_SOURCES, JobSpec
-
-TRAINER_STATE = "trainer_state.pt"
-TASK_FILE = "stars_task.json"
-MODEL_DIR = "model"
+from stars.objective import LoopSampler, stars_loss
+from stars.spec import UNSUPPORTED_SOURCES, CheckpointModel, JobSpec
+from stars.tasks import TrainingData, training_task
 
 
 # ---- what a worker is given --------------------------------------------------------------------------
@@ -57,84 +46,29 @@ class TrainHooks:
 
 
 # ---- building blocks from the spec ----------------------------------------------------------------------
-@dataclass
-class TaskBundle:
-    """What training needs from a task: data, vocabulary facts, and how to describe it in a checkpoint."""
-
-    train_data: Any  # docs/interfaces.md contract: len() and batch(indices)
-    vocab_size: int
-    pad_token_id: int
-    eos_token_id: int
-    bos_token_id: int | None
-    description: dict[str, Any]  # saved as stars_task.json so a checkpoint can be scored alone
-    tokenizer: Any = None  # a transformers tokenizer to save beside the model (math tasks)
-    extra: dict[str, Any] = field(default_factory=dict)
+def weights_dtype(spec: JobSpec) -> torch.dtype:
+    """`model.dtype` as a torch dtype: what the weights (the optimiser's master weights) are kept in."""
+    return getattr(torch, spec.model.dtype)
 
 
-def build_task(spec: JobSpec) -> TaskBundle:
-    data = spec.data
-    if data.task == "addition":
-        from stars.tasks.addition import build_addition_task
-
-        task = build_addition_task(
-            train_size=data.num_train,
-            test_size=data.num_test,
-            digits=data.digits,
-            seed=data.seed,
-            train_file=data.train_file,
-            test_file=data.test_file,
-        )
-        tok = task.tokenizer
-        desc = {"task": "addition", "digits": data.digits, "num_test": data.num_test, "seed": data.seed,
-                "test_file": data.test_file}
-        return TaskBundle(task.train_data(), tok.vocab_size, tok.pad_token_id, tok.eos_token_id, None, desc,
-                          extra={"addition": task})
-    if data.task == "math_sft":
-        from stars.tasks.math_sft import build_sft_data, load_tokenizer
-
-        tokenizer = load_tokenizer(data.tokenizer or spec.model.pretrained)
-        sft = build_sft_data(
-            tokenizer, data.dataset, split=data.split, config=data.config,
-            problem_column=data.problem_column, solution_column=data.solution_column,
-            seed=data.shuffle_seed, num_samples=data.num_samples, max_seq_len=data.max_seq_len,
-            overlong=data.length_policy, system_prompt=data.system_prompt, num_proc=data.num_proc,
-        )
-        pad = sft.pad_token_id
-        eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else (
-            tokenizer.eos_token_id
-        )
-        desc = {"task": "math_sft", "dataset": data.dataset}
-        return TaskBundle(sft, len(tokenizer), pad, eos, tokenizer.bos_token_id, desc, tokenizer=tokenizer)
-    raise ValueError(f"data.task={data.task!r} has no training data builder")
-
-
-def build_model(spec: JobSpec, task: TaskBundle) -> LoopLM:
-    """A new LoopLM from the spec's architecture, or a saved checkpoint (kept in fp32 for training:
-    fp32 master weights; `train.precision: bf16` autocasts the compute)."""
+def build_model(spec: JobSpec, task: TrainingData) -> LoopLM:
+    """A new LoopLM from the spec's architecture, or a saved checkpoint, with weights in `model.dtype`
+    (float32 by default: fp32 master weights; `train.precision: bf16` autocasts the compute)."""
     m = spec.model
-    if m.source == "looplm":
-        torch.manual_seed(spec.seed)
-        cfg = LoopLMConfig(vocab_size=task.vocab_size, pad_token_id=task.pad_token_id,
-                           eos_token_id=task.eos_token_id, bos_token_id=task.bos_token_id,
-                           **m.looplm_config_kwargs())
-        return LoopLM(cfg)
-    if m.source == "pretrained":
-        return LoopLM.from_pretrained(m.pretrained, dtype=torch.float32)
-    raise ValueError(UNSUPPORTED_SOURCES[m.source])
+    if isinstance(m, CheckpointModel):
+        if m.source in UNSUPPORTED_SOURCES:
+            raise ValueError(UNSUPPORTED_SOURCES[m.source])
+        return LoopLM.from_pretrained(m.pretrained, dtype=weights_dtype(spec), trust_remote_code=m.trust_remote_code)
+    torch.manual_seed(spec.seed)
+    cfg = LoopLMConfig(vocab_size=task.vocab_size, pad_token_id=task.pad_token_id,
+                       eos_token_id=task.eos_token_id, bos_token_id=task.bos_token_id,
+                       **m.looplm_config_kwargs())
+    return LoopLM(cfg).to(weights_dtype(spec))
 
 
 def build_sampler(spec: JobSpec) -> LoopSampler:
-    ls = spec.stars.loop_sampling
-    seed = spec.seed
-    if ls.kind == "fixed":
-        return FixedDepth(ls.depth)
-    if ls.kind == "lognormal":
-        return LognormalDepth(ls.mu, ls.sigma, ls.min, ls.max, seed)
-    if ls.kind == "poisson_lognormal":
-        return PoissonLognormalDepth(ls.mean, ls.sigma, ls.min, ls.max, seed, ls.backprop_depth)
-    if ls.kind == "uniform":
-        return UniformDepth(ls.min, ls.max, seed)
-    raise ValueError(f"stars.loop_sampling.kind={ls.kind!r} is unknown")
+    """The job's loop sampler with its seed bound: `sampler(step) -> depth` (`stars.spec.stars`)."""
+    return spec.stars.loop_sampling.bind(spec.seed)
 
 
 def total_steps(spec: JobSpec, n_train: int) -> int:
@@ -190,25 +124,6 @@ class BatchPlan:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, model: LoopLM, optimizer, scheduler, state: dict, task: TaskBundle):
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per checkpoint drowns the progress lines
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path / MODEL_DIR)
-    if task.tokenizer is not None:
-        task.tokenizer.save_pretrained(path / MODEL_DIR)
-    (path / TASK_FILE).write_text(json.dumps(task.description, indent=2))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-               path / TRAINER_STATE)
-
-
-def load_trainer_state(path: str | Path) -> dict:
-    return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -270,9 +185,9 @@ def train_loop(
     worker = worker or WorkerContext()
     hooks = hooks or TrainHooks()
     tr, js = spec.train, spec.stars.jsrr
-    task = build_task(spec)
+    task = training_task(spec.data.task).build(spec)
     model = build_model(spec, task) if resume_dir is None else LoopLM.from_pretrained(
-        Path(resume_dir) / MODEL_DIR, dtype=torch.float32
+        Path(resume_dir) / MODEL_DIR, dtype=weights_dtype(spec)
     )
     if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -361,10 +276,10 @@ def train_loop(
             ckpt_dir = None
             if worker.rank == 0:
                 root = Path(checkpoint_root or os.path.join(spec.resources.storage_path, spec.name, "local"))
-                ckpt_dir = str(root / f"step_{done:07d}")
+                ckpt_dir = str(root / step_dir_name(done))
                 state = {"step": done, "history": history, "resumes": resumes, "depth": depth,
                          "loss": last_loss}
-                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, task)
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, task.description, task.tokenizer)
                 last_ckpt = ckpt_dir
             hooks.report(report, ckpt_dir)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from stars.evaluate import EvalLedger
 from stars.ray_backend.evaluation import EvaluationService
-from stars.run import run_job
+from stars.ray_backend.job import run_job
+from stars.ray_backend.ledger import EvalLedger
 from stars.spec import JobSpec, resolve_spec
 
 pytestmark = pytest.mark.ray
@@ -147,3 +147,17 @@ def test_a_killed_evaluator_is_replaced_and_no_checkpoint_is_left_unscored(ray_c
     ledger = EvalLedger(result.trials[0].storage_dir)
     pids = {s: ledger.done(s, "addition")["pid"] for s in STEPS}
     assert killed[0] not in pids.values()  # the unit it was working on was redone by the restarted actor
+
+
+def test_the_payloads_into_ray_survive_json_and_pickle(store):
+    """`EvalContext` goes to Ray Train as JSON `fn_kwargs` and comes back equal; an `EvalUnit` is pickled."""
+    import pickle
+
+    from stars.ray_backend.evaluation import EvalContext, EvalUnit
+
+    spec = resolve_spec(eval_job(store, "payloads"))
+    ctx = EvalContext(run_dir=str(store / "runs" / "x"), eval=spec.eval, actors=("a", "b"), namespace="ns",
+                      trial_run_id="0" * 32, tracking_uri=spec.tracking.uri, benchmark_paths={"gsm8k": "/d"})
+    assert EvalContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
+    unit = EvalUnit(ctx, 10, "addition", primary=True, eval_run_id=None)
+    assert pickle.loads(pickle.dumps(unit)) == unit

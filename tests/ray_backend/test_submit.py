@@ -41,3 +41,16 @@ def test_starsctl_submit_runs_the_job_into_the_local_store(tmp_path):
     assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [5, 10, 15, 20, 25, 30]
     artifacts = [a.path for a in client.list_artifacts(job.info.run_id, "spec")]
     assert "spec/resolved.yaml" in artifacts
+
+
+def test_the_uploaded_spec_holds_no_secret_values(tiny_spec, tmp_path):
+    """What travels in the job's working_dir leaves secret-looking env vars out (their values go
+    through the runtime env only), and keeps the others."""
+    from stars.ray_backend.submit import spec_for_upload
+    from stars.spec import resolved_yaml
+
+    spec = tiny_spec(**{"resources.env_vars": {"HF_TOKEN": "hf_s3cr3t", "OMP_NUM_THREADS": "2"}})
+    uploaded = resolved_yaml(spec_for_upload(spec))
+    assert "hf_s3cr3t" not in uploaded and "HF_TOKEN" not in uploaded
+    assert "OMP_NUM_THREADS" in uploaded
+    assert spec.resources.env_vars["HF_TOKEN"] == "hf_s3cr3t"  # the caller's spec is unchanged

@@ -6,12 +6,14 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from stars.run import run_job
-from stars.train import build_sampler, load_trainer_state
+from stars.checkpoint import load_trainer_state
+from stars.ray_backend.job import run_job
+from stars.train import build_sampler
 
 pytestmark = pytest.mark.ray
 
@@ -93,3 +95,46 @@ def test_killed_worker_resumes_from_last_checkpoint_without_losing_or_repeating_
     # MLflow's curve has each logged step once, though steps after the checkpoint were re-run.
     steps = [m.step for m in MlflowClient(spec.tracking.uri).get_metric_history(result.job_run_id, "train/loss")]
     assert sorted(steps) == list(range(10, 301, 10))
+
+
+def test_run_directories_follow_what_training_computes(tiny_spec):
+    """A run's directory (its Ray Train run name) changes with a field that changes training and stays
+    with one that does not, for a single job and for a sweep trial."""
+    from stars.ray_backend.training import run_name_for
+    from stars.spec import apply_overrides, sweep_trials
+
+    base = tiny_spec()
+    single = run_name_for(base)
+    assert single.startswith("tiny-")
+    assert run_name_for(apply_overrides(base, {"eval.depths": "1-2", "train.log_every": 3})) == single
+    assert run_name_for(apply_overrides(base, {"train.lr": 1e-3})) != single
+
+    def trial_dir(**changes):
+        spec = apply_overrides(base, {"sweep.grid.model.norm.type": ["layernorm", "rmsnorm"], **changes})
+        trial = sweep_trials(spec)[1]
+        return run_name_for(trial.spec, trial.key)
+
+    first = trial_dir()
+    assert first.startswith("tiny-t001-type=rmsnorm-")
+    assert trial_dir(**{"eval.limit": 8, "resources.max_failures": 3}) == first
+    assert trial_dir(**{"seed": 7}) != first
+
+
+def test_resubmitting_resumes_or_starts_fresh_by_what_changed(ray_cluster, tiny_spec):
+    """A sweep trial run to completion, then submitted again: with only a logging field changed it
+    finds its finished run (same directory, same final checkpoint, no step trained again); with a
+    training field changed it starts fresh in a new directory."""
+    from stars.spec import apply_overrides
+
+    spec = tiny_spec(**{"train.max_steps": 4, "train.checkpoint_every": 4, "eval.tasks": [],
+                        "sweep.grid": {"stars.jsrr.weight": [0.1]}})
+    quiet = {"console": lambda line: None}
+    first = run_job(spec, **quiet).trials[0]
+    again = run_job(apply_overrides(spec, {"train.log_every": 3}), **quiet).trials[0]
+    assert again.storage_dir == first.storage_dir and again.checkpoint_path == first.checkpoint_path
+    assert sorted(p.name for p in Path(first.storage_dir).glob("step_*")) == ["step_0000004"]
+    state = load_trainer_state(again.checkpoint_path)
+    assert state["resumes"] == [] and [s for s, _ in state["history"]] == list(range(1, 5))
+    fresh = run_job(apply_overrides(spec, {"train.lr": 1e-3}), **quiet).trials[0]
+    assert fresh.storage_dir != first.storage_dir
+    assert load_trainer_state(fresh.checkpoint_path)["resumes"] == []

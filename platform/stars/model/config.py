@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-NORM_TYPES = ("layernorm", "rmsnorm", "simplenorm")
-NORM_POSITIONS = ("pre", "post", "pre_sandwich", "post_sandwich")
-INJECTIONS = ("none", "add", "linear")
-POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+# The choices and the rules across fields are the spec's (one definition for both): a spec that
+# validates builds a config, and a config refuses what the spec refuses.
+from stars.spec.architecture import (
+    INJECTIONS,
+    MLPS,
+    NORM_POSITIONS,
+    NORM_TYPES,
+    POSITIONS,
+    architecture_problems,
+)
+
+__all__ = ["INJECTIONS", "MLPS", "NORM_POSITIONS", "NORM_TYPES", "POSITIONS", "LoopLMConfig"]
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -132,22 +139,15 @@ class LoopLMConfig(PreTrainedConfig):
         _at_least("n_coda", self.n_coda, 0)
         _at_least("max_position_embeddings", self.max_position_embeddings, 1)
         _at_least("default_depth", self.default_depth, 1)
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"LoopLMConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"LoopLMConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
-            )
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"LoopLMConfig.positions='rope' needs an even head_dim, got {self.head_dim}")
+        problems = architecture_problems(self.d_model, self.n_heads, self.n_kv_heads, self.positions)
+        if problems:
+            raise ValueError("; ".join(f"LoopLMConfig.{field}: {message}" for field, message in problems))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoopLMConfig.dropout={self.dropout} must be in [0, 1)")
 
     @classmethod
     def ouro_layout(cls, **overrides) -> LoopLMConfig:
-        """Ouro-1.4B's layout (reference section 6) as a LoopLMConfig.
+        """Ouro-1.4B's layout (docs/science.md, section 6) as a LoopLMConfig.
 
         All 24 layers form the recurrent block; pre_sandwich RMSNorm layers; the final norm is applied
         after every loop step and feeds the next (`loop_norm`); gated SiLU MLP, rotary positions, no

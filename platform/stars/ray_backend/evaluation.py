@@ -17,11 +17,16 @@ parallelise over the tasks of a checkpoint, not over checkpoints.
 
 Fault tolerance: actors restart without limit (`max_restarts=-1`) and Ray retries the call that was
 running when one died (`max_task_retries`); the dispatcher retries a few more times itself. Every
-(checkpoint, task) that is done has `<run dir>/eval/step_N/<task>.done.json` (`EvalLedger`), written
-after MLflow holds its results, so a retried or restarted evaluation scores only what is missing
-and never logs a depth curve twice. After `fit()` the driver sweeps the run's committed checkpoints
-once more (`EvaluationService.finish_trial`) and scores anything still missing (the final checkpoint
-when `eval.every_checkpoint` is false; a validation that failed).
+(checkpoint, task) that is done has `<run dir>/eval/step_N/<task>.done.json` (`EvalLedger` in
+`stars.ray_backend.ledger`), written after MLflow holds its results, so a retried or restarted
+evaluation scores only what is missing and never logs a depth curve twice. After `fit()` the driver
+sweeps the run's committed checkpoints once more (`EvaluationService.finish_trial`) and scores
+anything still missing (the final checkpoint when `eval.every_checkpoint` is false; a validation
+that failed).
+
+What crosses into the dispatcher task and the actors is typed: an `EvalContext` per trial (the
+validation function's keyword arguments, in their JSON form as Ray Train asks) and an `EvalUnit` per
+(checkpoint, task); Ray pickles both.
 """
 
 from __future__ import annotations
@@ -30,25 +35,22 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.train import Checkpoint
+from ray.train import Checkpoint, ValidationConfig, ValidationTaskConfig
 
-from stars.evaluate import (
-    EvalLedger,
-    LoadedCheckpoint,
-    committed_checkpoints,
-    evaluate_task,
-    load_checkpoint,
-    log_task_eval,
-    step_of,
-    temp_artifact_dir,
-    write_task_artifacts,
-)
+from stars.checkpoint import LoadedCheckpoint, load_checkpoint, step_of
+from stars.evaluation import DROP_DEPTHS, evaluate_task, write_task_artifacts
+from stars.ray_backend.ledger import EvalLedger, committed_checkpoints
 from stars.spec import EvalSpec, JobSpec
+
+if TYPE_CHECKING:
+    from stars.tracking import Tracker
 
 ACTOR_PREFIX = "stars-eval"
 ACTOR_TASK_RETRIES = 2  # Ray re-runs the call that was running when its actor died
@@ -62,6 +64,52 @@ def actor_names(job_name: str, workers: int) -> list[str]:
 
 def _console(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
+
+
+def _scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="stars-eval-")
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """How one trial's checkpoints are evaluated: what the dispatcher (`score_checkpoint`) needs."""
+
+    run_dir: str  # the Ray Train run directory (local path or storage URI)
+    eval: EvalSpec  # the trial's (resolved) `eval` section
+    actors: tuple[str, ...]  # names of the job's Evaluator actors
+    namespace: str | None  # their Ray namespace
+    trial_run_id: str | None = None  # MLflow trial run; None: nothing is logged to MLflow
+    tracking_uri: str | None = None
+    artifact_root: str | None = None
+    benchmark_paths: Mapping[str, str] = field(default_factory=dict)  # math benchmark -> local copy
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form Ray Train's `ValidationTaskConfig.fn_kwargs` asks for."""
+        return {
+            "run_dir": self.run_dir, "eval": self.eval.model_dump(mode="json"), "actors": list(self.actors),
+            "namespace": self.namespace, "trial_run_id": self.trial_run_id, "tracking_uri": self.tracking_uri,
+            "artifact_root": self.artifact_root, "benchmark_paths": dict(self.benchmark_paths),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalContext:
+        return cls(**{**data, "eval": EvalSpec.model_validate(data["eval"]), "actors": tuple(data["actors"])})
+
+    def tracker(self) -> Tracker:
+        from stars.tracking import Tracker
+
+        return Tracker(self.tracking_uri, artifact_root=self.artifact_root)
+
+
+@dataclass(frozen=True)
+class EvalUnit:
+    """One task of one checkpoint, as an Evaluator scores it."""
+
+    context: EvalContext
+    step: int
+    task: str
+    primary: bool  # the first task of `eval.tasks`: the loop's dynamics and rho are measured on it
+    eval_run_id: str | None  # the checkpoint's `eval@step=N` MLflow run (None: no MLflow)
 
 
 @ray.remote
@@ -97,7 +145,7 @@ class Evaluator:
             if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
                 local = checkpoint.path
             else:  # remote storage: download once into a per-actor directory
-                self._download = temp_artifact_dir()
+                self._download = _scratch_dir()
                 local = os.path.join(self._download, os.path.basename(checkpoint.path))
                 checkpoint.to_directory(local)
             self._loaded = load_checkpoint(local)
@@ -105,37 +153,37 @@ class Evaluator:
             self._key = key
         return self._loaded
 
-    def score(self, checkpoint: Checkpoint, unit: dict[str, Any]) -> dict[str, Any]:
+    def score(self, checkpoint: Checkpoint, unit: EvalUnit) -> dict[str, Any]:
         """Score one task of one checkpoint, log it to MLflow, mark it done; return the done record."""
-        ledger = EvalLedger(unit["run_dir"])
-        step, task = int(unit["step"]), unit["task"]
+        ctx, step, task = unit.context, unit.step, unit.task
+        ledger = EvalLedger(ctx.run_dir)
         record = ledger.done(step, task)
         if record is not None:  # a retried call whose first attempt got as far as the marker
             return record
         started = time.time()
         ledger.mark_running(step, task, {"pid": os.getpid(), "host": socket.gethostname(),
                                          "actor": self.name, "started": started})
-        ev = EvalSpec.model_validate(unit["eval"])
+        ev = ctx.eval
         loaded = self._load(checkpoint)
         result = evaluate_task(
-            loaded, task, ev.depths, rho_depths=ev.rho_depths if unit["primary"] else (),
+            loaded, task, ev.depths, rho_depths=ev.rho_depths if unit.primary else (),
             rho_iters=ev.rho_iters, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            benchmark_path=(unit.get("benchmark_paths") or {}).get(task),
+            benchmark_path=ctx.benchmark_paths.get(task),
         )
-        scratch = temp_artifact_dir()
+        scratch = _scratch_dir()
         try:
             files = write_task_artifacts(result, scratch, step)
-            if unit.get("eval_run_id"):
-                from stars.tracking import Tracker
+            if unit.eval_run_id:
+                from stars.tracking import log_task_eval
 
-                tracker = Tracker(unit["tracking_uri"], artifact_root=unit.get("artifact_root"))
-                log_task_eval(tracker, unit["eval_run_id"], unit.get("trial_run_id"), step, result, files,
-                              with_dynamics=unit["primary"])
+                log_task_eval(ctx.tracker(), unit.eval_run_id, ctx.trial_run_id, step=step,
+                              curves=result.curves(with_dynamics=unit.primary), summary=result.summary,
+                              files=files, artifact_dir=task)
             ledger.put_files(step, files)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         record = {**result.to_json(), "step": step, "checkpoint": checkpoint.path,
-                  "eval_run_id": unit.get("eval_run_id"), "trial_run_id": unit.get("trial_run_id"),
+                  "eval_run_id": unit.eval_run_id, "trial_run_id": ctx.trial_run_id,
                   "actor": self.name, "pid": os.getpid(), "started": started, "finished": time.time()}
         ledger.mark_done(step, task, record)
         return record
@@ -145,34 +193,24 @@ def _actor(name: str, namespace: str | None) -> Any:
     return ray.get_actor(name, namespace=namespace)
 
 
-def score_checkpoint(checkpoint: Checkpoint, ctx: dict[str, Any]) -> dict[str, float]:
+def score_checkpoint(checkpoint: Checkpoint, ctx: EvalContext) -> dict[str, float]:
     """Score every task of `checkpoint` that the ledger does not list as done, spread over the
     job's Evaluator actors; open/close the checkpoint's `eval@step=N` MLflow run. Returns the
     summary metrics of all its tasks. Raises when a unit still fails after its retries."""
-    ev = EvalSpec.model_validate(ctx["eval"])
-    tasks = list(ev.tasks or [])
+    tasks = list(ctx.eval.tasks or [])
     step = step_of(checkpoint.path)
     if step is None:
         raise ValueError(f"checkpoint {checkpoint.path!r} is not a step_NNNNNNN directory")
-    ledger = EvalLedger(ctx["run_dir"])
+    ledger = EvalLedger(ctx.run_dir)
     todo = ledger.missing(step, tasks)
     tracker, eval_run = None, None
-    if todo and ctx.get("trial_run_id"):
-        from stars.tracking import Tracker
-
-        tracker = Tracker(ctx["tracking_uri"], artifact_root=ctx.get("artifact_root"))
-        eval_run = tracker.start_eval(ctx["trial_run_id"], step)
+    if todo and ctx.trial_run_id:
+        tracker = ctx.tracker()
+        eval_run = tracker.start_eval(ctx.trial_run_id, step)
         tracker.set_tags(eval_run, {"stars.checkpoint": checkpoint.path, "stars.eval.tasks": ",".join(tasks)})
-    names, ns = ctx["actors"], ctx.get("namespace")
-    units = {}
-    for j, task in enumerate(todo):
-        units[task] = {
-            "run_dir": ctx["run_dir"], "step": step, "task": task, "eval": ctx["eval"],
-            "primary": task == tasks[0], "eval_run_id": eval_run, "trial_run_id": ctx.get("trial_run_id"),
-            "tracking_uri": ctx.get("tracking_uri"), "artifact_root": ctx.get("artifact_root"),
-            "benchmark_paths": ctx.get("benchmark_paths") or {}, "actor": names[j % len(names)],
-        }
-    refs = {t: _actor(u["actor"], ns).score.remote(checkpoint, u) for t, u in units.items()}
+    units = {task: EvalUnit(ctx, step, task, primary=task == tasks[0], eval_run_id=eval_run) for task in todo}
+    actor_of = {task: ctx.actors[j % len(ctx.actors)] for j, task in enumerate(todo)}
+    refs = {t: _actor(actor_of[t], ctx.namespace).score.remote(checkpoint, u) for t, u in units.items()}
     failures = []
     for task, unit in units.items():
         for attempt in range(1, DISPATCH_ATTEMPTS + 1):
@@ -184,7 +222,7 @@ def score_checkpoint(checkpoint: Checkpoint, ctx: dict[str, Any]) -> dict[str, f
                     failures.append(f"{task}: evaluator died {attempt} times ({type(exc).__name__})")
                     break
                 time.sleep(1.0)
-                refs[task] = _actor(unit["actor"], ns).score.remote(checkpoint, unit)
+                refs[task] = _actor(actor_of[task], ctx.namespace).score.remote(checkpoint, unit)
             except ray.exceptions.RayTaskError as exc:
                 failures.append(f"{task}: {exc.cause!r}" if getattr(exc, "cause", None) else f"{task}: {exc}")
                 break
@@ -204,16 +242,16 @@ def _summary_line(task: str, s: dict[str, float]) -> str:
     if f"{task}/peak_acc" not in s:
         return f"{task} -"
     parts = [f"{task} peak {s[f'{task}/peak_acc']:.3f}@{int(s[f'{task}/best_depth'])}"]
-    for d in (8, 16):
+    for d in DROP_DEPTHS:
         if f"{task}/acc_at_{d}" in s:
             parts.append(f"acc@{d} {s[f'{task}/acc_at_{d}']:.3f} (drop {100 * s[f'{task}/drop_at_{d}']:.1f}%)")
     return " ".join(parts)
 
 
-def validate_checkpoint(checkpoint: Checkpoint, **ctx: Any) -> dict[str, float]:
-    """Ray Train's validation function: runs for every checkpoint reported with `validation=True`;
-    while it runs Ray keeps the checkpoint from being pruned."""
-    return score_checkpoint(checkpoint, ctx)
+def validate_checkpoint(checkpoint: Checkpoint, **context: Any) -> dict[str, float]:
+    """Ray Train's validation function: runs for every checkpoint reported with `validation=True`
+    (`context` is `EvalContext.to_json()`); while it runs Ray keeps the checkpoint from being pruned."""
+    return score_checkpoint(checkpoint, EvalContext.from_json(context))
 
 
 class EvaluationService:
@@ -270,25 +308,22 @@ class EvaluationService:
                     "Lower eval.workers / eval.resources or the training resources."
                 )
 
-    def context(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> dict[str, Any]:
-        """JSON-serialisable description of a trial's evaluation (the validation fn's kwargs)."""
-        return {
-            "run_dir": run_dir, "eval": trial_spec.eval.model_dump(mode="json"),
-            "actors": self.names, "namespace": self.namespace, "trial_run_id": trial_run_id,
-            "tracking_uri": trial_spec.tracking.uri if trial_run_id else None,
-            "artifact_root": trial_spec.tracking.artifact_location, "benchmark_paths": self.benchmark_paths,
-        }
+    def context(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> EvalContext:
+        """How the checkpoints of one trial are evaluated."""
+        return EvalContext(
+            run_dir=run_dir, eval=trial_spec.eval, actors=tuple(self.names), namespace=self.namespace,
+            trial_run_id=trial_run_id, tracking_uri=trial_spec.tracking.uri if trial_run_id else None,
+            artifact_root=trial_spec.tracking.artifact_location, benchmark_paths=dict(self.benchmark_paths),
+        )
 
-    def validation_config(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> Any:
+    def validation_config(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> ValidationConfig | None:
         """Ray Train `ValidationConfig` scoring every checkpoint as it is committed, or None when
         only the final checkpoint is evaluated (`eval.every_checkpoint: false`)."""
-        from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
-
         if not (trial_spec.eval.tasks and trial_spec.eval.every_checkpoint):
             return None
         return ValidationConfig(
             fn=validate_checkpoint,
-            task_config=ValidationTaskConfig(fn_kwargs=self.context(trial_spec, trial_run_id, run_dir)),
+            task_config=ValidationTaskConfig(fn_kwargs=self.context(trial_spec, trial_run_id, run_dir).to_json()),
             ray_remote_kwargs={"num_cpus": 0, "max_retries": 2},
         )
 

@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stars.spec import JobSpec, resolved_yaml, spec_hash
+from stars.spec import JobSpec, is_secret_key, resolved_yaml, spec_hash
 
 SPEC_FILE = "job.yaml"
 
@@ -15,11 +15,19 @@ def submit(spec: JobSpec, *, spec_path: str | Path | None = None, address: str |
     """No address: run here and now (embedded Ray, local MLflow store). With an address: submit
     `python -m stars.run job.yaml` to that cluster and return how to follow it."""
     if address is None:
-        from stars.run import run_job
+        from stars.ray_backend.job import run_job
 
         run_job(spec)
         return None
     return submit_to_cluster(spec, address)
+
+
+def spec_for_upload(spec: JobSpec) -> JobSpec:
+    """The spec as it travels in the job's working_dir: environment variables whose names look secret
+    (`is_secret_key`) are left out of the file. Their values reach the job through the runtime env's
+    `env_vars` (which Ray Train workers inherit), never through an uploaded file."""
+    env = {k: v for k, v in spec.resources.env_vars.items() if not is_secret_key(k)}
+    return spec.model_copy(update={"resources": spec.resources.model_copy(update={"env_vars": env})})
 
 
 def submit_to_cluster(spec: JobSpec, address: str) -> str:
@@ -29,7 +37,7 @@ def submit_to_cluster(spec: JobSpec, address: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     workdir = Path(tempfile.mkdtemp(prefix="stars-submit-"))
-    (workdir / SPEC_FILE).write_text(resolved_yaml(spec), encoding="utf-8")
+    (workdir / SPEC_FILE).write_text(resolved_yaml(spec_for_upload(spec)), encoding="utf-8")
     client = JobSubmissionClient(address)
     submission_id = f"stars-{spec.name}-{spec_hash(spec)[:8]}-{int(time.time())}"
     job_id = client.submit_job(

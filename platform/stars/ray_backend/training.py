@@ -19,8 +19,23 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from stars.spec import JobSpec, spec_hash
+from stars.checkpoint import step_dir_name
+from stars.spec import JobSpec, LoopLMModel, spec_hash
 from stars.train import TrainHooks, WorkerContext, train_loop
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every Ray Train worker of a trial (pickled into `train_loop_config`)."""
+
+    spec: dict[str, Any]
+    """The trial's resolved spec as JSON data (validated again on the worker)."""
+    run_id: str | None
+    """MLflow run the trial logs into (rank 0 only); None without tracking."""
+    tracking_uri: str | None
+    artifact_root: str | None
+    validate: bool
+    """Report checkpoints with `validation=True` (the job scores every checkpoint)."""
 
 
 @dataclass
@@ -32,7 +47,13 @@ class TrialResult:
 
 
 def run_name_for(spec: JobSpec, trial_key: str | None = None) -> str:
-    return f"{spec.name}-{trial_key}" if trial_key else f"{spec.name}-{spec_hash(spec)[:10]}"
+    """The Ray Train run name, which is also the run's directory under `resources.storage_path`:
+    `<job name>[-<trial key>]-<spec hash>`. The hash covers exactly the fields that change what
+    training computes (`stars.spec.spec_hash`), so a changed recipe starts fresh while a changed eval
+    or logging setting resumes. Job names are slugs and trial keys are sanitised path components
+    (`stars.spec.safe_path_component`), so the directory never leaves storage_path."""
+    parts = [spec.name, trial_key, spec_hash(spec)[:10]]
+    return "-".join(p for p in parts if p)
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -49,33 +70,35 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
     )
 
 
-def train_worker(config: dict[str, Any]) -> None:
+def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
     """Runs on every Ray Train worker."""
-    spec = JobSpec.model_validate(config["spec"])
+    config = train_loop_config["worker"]
+    spec = JobSpec.model_validate(config.spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     worker = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
 
-    tracker, run_id = None, config.get("run_id")
+    tracker, run_id = None, config.run_id
     if rank == 0 and run_id:
         from stars.tracking import Tracker
 
-        tracker = Tracker(config["tracking_uri"], artifact_root=config.get("artifact_root"))
+        tracker = Tracker(config.tracking_uri, artifact_root=config.artifact_root)
 
     def last_logged() -> int:
         history = tracker.metric_history(run_id, "train/loss") if tracker else []
         return max((s for s, _ in history), default=0)
 
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
-        name = f"step_{int(metrics['step']):07d}"
+        name = step_dir_name(metrics["step"])
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
-                         validation=bool(config.get("validate")) and checkpoint is not None)
+                         validation=config.validate and checkpoint is not None)
         if ckpt_dir:  # now persisted in storage; the local copy is no longer needed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    unused = spec.stars.loop_sampling.kind == "poisson_lognormal" or bool(spec.model.exit_gate)
+    exit_gate = isinstance(spec.model, LoopLMModel) and spec.model.exit_gate
+    unused = spec.stars.loop_sampling.kind == "poisson_lognormal" or exit_gate
     hooks = TrainHooks(
         prepare_model=lambda m: ray.train.torch.prepare_model(
             m, parallel_strategy_kwargs={"find_unused_parameters": unused}
@@ -108,16 +131,16 @@ def run_trial(
 ) -> TrialResult:
     """Train one spec on Ray Train and wait for it. The spec must be resolved (absolute paths)."""
     name = run_name_for(spec, trial_key)
-    config = {
-        "spec": spec.model_dump(mode="json"),
-        "run_id": run_id,
-        "tracking_uri": spec.tracking.uri,
-        "artifact_root": spec.tracking.artifact_location,
-        "validate": validation_config is not None,
-    }
+    config = WorkerConfig(
+        spec=spec.model_dump(mode="json"),
+        run_id=run_id,
+        tracking_uri=spec.tracking.uri,
+        artifact_root=spec.tracking.artifact_location,
+        validate=validation_config is not None,
+    )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config,
+        train_loop_config={"worker": config},
         scaling_config=scaling_config(spec),
         torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -1,4 +1,4 @@
-"""Multi-digit addition: the STARS diagnostic task (reference section 5).
+"""Multi-digit addition: the STARS diagnostic task (docs/science.md, section 5).
 
 Sequence layout, with reversed answers so the model emits the least significant digit first (the order
 in which carries are computed): `1750+4733= 3846<EOS>`. Loss falls on the space, the answer digits and
@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stars.tasks.registry import EvalInputError, TeacherForcedTask, TrainingData, TrainingTask, register
+
 if TYPE_CHECKING:
     import torch
+
+    from stars.spec import JobSpec
 
 IGNORE_INDEX = -100
 _SYMBOLS = "0123456789+= "
@@ -502,3 +506,50 @@ def score_greedy_depths(
     """Exact-match accuracy of greedy decoding at each depth (shares the prompt prefill when it can)."""
     correct = greedy_correct_depths(model, problems, tokenizer, depths, batch_size)
     return {d: float(c.float().mean()) for d, c in correct.items()}
+
+
+# ---- registration (stars.tasks.registry) ---------------------------------------------------------------
+def build_training(spec: JobSpec) -> TrainingData:
+    """The training data of a job whose `data.task` is addition, and the description saved with its
+    checkpoints (enough to rebuild exactly the held-out test set: `held_out_problems`)."""
+    data = spec.data
+    task = build_addition_task(
+        train_size=data.num_train, test_size=data.num_test, digits=data.digits, seed=data.seed,
+        train_file=data.train_file, test_file=data.test_file,
+    )
+    tok = task.tokenizer
+    description = {"task": "addition", "digits": data.digits, "num_test": data.num_test, "seed": data.seed,
+                   "test_file": data.test_file}
+    return TrainingData(task.train_data(), tok.vocab_size, tok.pad_token_id, tok.eos_token_id, None, description)
+
+
+def held_out_problems(
+    description: Mapping[str, Any], limit: int | None = None
+) -> tuple[list[AdditionProblem], AdditionTokenizer]:
+    """(test problems, tokenizer) of the addition task a checkpoint describes (its `stars_task.json`):
+    exactly the test set training held out (same digits/seed/num_test or test file), first `limit`."""
+    if description.get("task") != "addition":
+        raise EvalInputError(
+            f"task 'addition' needs an addition checkpoint (its stars_task.json says task="
+            f"{description.get('task')!r}); addition uses its own 15-token vocabulary"
+        )
+    digits = int(description.get("digits", 4))
+    tokenizer = AdditionTokenizer(digits)
+    if description.get("test_file"):
+        if not Path(description["test_file"]).is_file():
+            raise EvalInputError(
+                f"the checkpoint's addition test file {description['test_file']!r} does not exist here"
+            )
+        return read_jsonl(description["test_file"], limit=limit), tokenizer
+    problems = generate_problems(int(description.get("num_test", 1000)), digits, seed=int(description.get("seed", 0)))
+    return (problems[:limit] if limit else problems), tokenizer
+
+
+def rho_sequences(problems: Sequence[AdditionProblem], tokenizer: AdditionTokenizer) -> list[list[int]]:
+    """Whole sequences (prompt and answer) for the spectral-radius batch."""
+    return [tokenizer.encode_example(p.num1, p.num2, p.answer) for p in problems]
+
+
+register(TrainingTask("addition", build_training))
+register(TeacherForcedTask("addition", trained_on="addition", load=held_out_problems,
+                           correct=teacher_forced_correct, rho_sequences=rho_sequences))

@@ -1,8 +1,8 @@
 """Final-answer extraction and checking for math benchmarks.
 
-Protocol (reference section 8): take the model's final answer (the last `\\boxed{}`, else the text after
-"the answer is", else the last number), then judge it with `math_verify.verify(parse(gold), parse(pred))`,
-gold first (verify is not symmetric: the gold decides, for example, whether `x=2` may match `2`).
+Protocol (docs/science.md, section 8): take the model's final answer (the last `\\boxed{}`, else the text
+after "the answer is", else the last number), then judge it with
+`math_verify.verify(parse(gold), parse(pred))`, gold first (verify is not symmetric: the gold decides, for example, whether `x=2` may match `2`).
 
 `math_verify.parse` only reads LaTeX inside an anchor (`$...$`, `\\boxed{}`), so a bare `\\frac12` parses
 to nothing; we therefore parse every answer string as `\\boxed{<answer>}` after a light clean-up

@@ -1,4 +1,4 @@
-"""The five math benchmarks of the paper (reference section 8) as data: where each lives, which split,
+"""The five math benchmarks of the paper (docs/science.md, section 8) as data: where each lives, which split,
 how to build the question and how to read the gold answer from its own field layout.
 
 `load_benchmark(name, path=None)` reads the hub id, or a local copy with the same fields (a jsonl /
@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stars.tasks.answers import last_boxed
+from stars.tasks.answers import is_correct, last_boxed
 from stars.tasks.loading import DatasetLoadError, load_table
 from stars.tasks.math_sft import SYSTEM_PROMPT, chat_prompt
+from stars.tasks.registry import EvalInputError, GenerativeTask, register
 
 Row = Mapping[str, Any]
 
@@ -211,3 +212,26 @@ def encode_prompts(
     texts = build_prompts(tokenizer, items, system_prompt)
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+
+
+# ---- registration (stars.tasks.registry) ---------------------------------------------------------------
+def _loader(name: str) -> Callable[[str | None, int | None], list[BenchmarkItem]]:
+    def load(path: str | None, limit: int | None) -> list[BenchmarkItem]:
+        try:
+            return load_benchmark(name, path, limit=limit)
+        except DatasetLoadError as exc:
+            raise EvalInputError(str(exc)) from None
+
+    return load
+
+
+def _prompts(tokenizer: Any, items: list[BenchmarkItem], system_prompt: str | None) -> list[list[int]]:
+    return encode_prompts(tokenizer, items, system_prompt or SYSTEM_PROMPT)
+
+
+def _judge(text: str, item: BenchmarkItem) -> bool:
+    return is_correct(text, item.gold)
+
+
+for _name in BENCHMARKS:
+    register(GenerativeTask(_name, trained_on="math_sft", load=_loader(_name), prompts=_prompts, judge=_judge))

@@ -18,13 +18,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stars.errors import UserError
+
 if TYPE_CHECKING:
     import datasets
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DatasetLoadError(ValueError):
+class DatasetLoadError(UserError):
     """A dataset could not be loaded as asked (missing split, column, file, or no rows)."""
 
 

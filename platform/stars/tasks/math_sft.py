@@ -1,4 +1,4 @@
-"""Math supervised fine-tuning data (reference section 7): NuminaMath-style problem/solution pairs as
+"""Math supervised fine-tuning data (docs/science.md, section 7): NuminaMath-style problem/solution pairs as
 ChatML conversations, with the loss only on the assistant's tokens.
 
 Pipeline: `load_sft_rows` (load by hub id or local path, map columns, strip, drop empty rows, seeded
@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from stars.tasks.loading import DatasetLoadError, load_table
+from stars.tasks.registry import TrainingData, TrainingTask, register
 
 if TYPE_CHECKING:
     import datasets
     import torch
+
+    from stars.spec import JobSpec
 
 SYSTEM_PROMPT = "You are a helpful assistant that can assist users with reasoning."
 IGNORE_INDEX = -100
@@ -43,13 +46,15 @@ _S_SYS, _S_USER, _S_ASSIST = "\x00STARS_SYS\x00", "\x00STARS_USER\x00", "\x00STA
 Overlong = Literal["drop", "truncate"]
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
+def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model directory (`AutoTokenizer`). An existing local path is read with
-    `local_files_only=True`, so it never reaches for the hub; anything else is treated as a hub id."""
+    `local_files_only=True`, so it never reaches for the hub; anything else is treated as a hub id.
+    `trust_remote_code` lets the tokenizer run its own Python code (the spec's
+    `model.trust_remote_code`); off by default."""
     from transformers import AutoTokenizer
 
     local = Path(model_dir).expanduser().exists()
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local)
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -346,3 +351,31 @@ def build_sft_data(
     data = SFTData(tokenized, pad)
     data.dropped = len(rows) - len(tokenized)
     return data
+
+
+# ---- registration (stars.tasks.registry) ---------------------------------------------------------------
+def build_training(spec: JobSpec) -> TrainingData:
+    """The training data of a job whose `data.task` is math_sft, tokenized with `data.tokenizer` or the
+    checkpoint's own tokenizer (`trust_remote_code` only when the spec's model asks for it)."""
+    from stars.spec import CheckpointModel
+
+    data, model = spec.data, spec.model
+    checkpoint = model if isinstance(model, CheckpointModel) else None
+    tokenizer = load_tokenizer(
+        data.tokenizer or checkpoint.pretrained,  # the spec requires data.tokenizer for a new LoopLM
+        trust_remote_code=checkpoint is not None and checkpoint.trust_remote_code,
+    )
+    sft = build_sft_data(
+        tokenizer, data.dataset, split=data.split, config=data.config,
+        problem_column=data.problem_column, solution_column=data.solution_column,
+        seed=data.shuffle_seed, num_samples=data.num_samples, max_seq_len=data.max_seq_len,
+        overlong=data.length_policy, system_prompt=data.system_prompt, num_proc=data.num_proc,
+    )
+    vocab = tokenizer.get_vocab()
+    eos = tokenizer.convert_tokens_to_ids(DEFAULT_EOT) if DEFAULT_EOT in vocab else tokenizer.eos_token_id
+    description = {"task": "math_sft", "dataset": data.dataset}
+    return TrainingData(sft, len(tokenizer), sft.pad_token_id, eos, tokenizer.bos_token_id, description,
+                        tokenizer=tokenizer)
+
+
+register(TrainingTask("math_sft", build_training))

@@ -22,27 +22,18 @@ from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from stars.spec import (
-    _SECTION_NAMES,
-    JobSpec,
-    _members,
-    _set_path,
-    _unwrap,
-    check_schema_path,
-    cross_section_errors,
-    did_you_mean,
-    fill_derived_defaults,
-    resolve_spec,
-)
+from stars.errors import UserError
+from stars.spec.job import SECTION_NAMES, JobSpec, cross_section_errors, fill_derived_defaults
+from stars.spec.problems import describe_errors, describe_value
+from stars.spec.resolve import resolve_spec
+from stars.spec.schema import check_schema_path, format_path, set_path
 
 __all__ = [
     "SpecError",
     "SpecProblem",
     "apply_overrides",
-    "describe_errors",
-    "format_path",
     "load_spec",
     "parse_override",
     "validate_data",
@@ -87,15 +78,33 @@ class SpecProblem(_Problem):
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec with problems; `problems` lists all of them, `str()` prints one per line."""
 
     def __init__(self, problems: Sequence[SpecProblem]):
         self.problems: list[SpecProblem] = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def lines(self) -> list[str]:
+        """Every problem, then `<file>: N problems` (what `starsctl` prints)."""
+        n = len(self.problems)
+        where = next((p.file for p in self.problems if p.file), "<spec>")
+        return [str(p) for p in self.problems] + [f"{where}: {n} problem{'s' if n != 1 else ''}"]
+
 
 # ----------------------------------------------------------------------------------------- YAML
+class _SpecYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `3e-4` and `1e23` are numbers (as in YAML 1.2 and JSON), not
+    the strings YAML 1.1 makes of them: spec floats are strict and take no strings."""
+
+
+_SpecYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _walk_nodes(
     node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list[tuple[Loc, int, str]]
 ) -> None:
@@ -121,7 +130,7 @@ def _walk_nodes(
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[SpecProblem]]:
     """(data, line of every path, problems) of a YAML document."""
-    loader = yaml.SafeLoader(text)
+    loader = _SpecYamlLoader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -164,7 +173,7 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     if any(not k.strip() for k in keys):
         raise ValueError(f"empty part in the key {key!r}")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = yaml.load(text, Loader=_SpecYamlLoader) if text else None
     except yaml.YAMLError as exc:
         raise ValueError(f"cannot read the value {text!r} as YAML ({str(exc).splitlines()[0]})") from None
     return keys, value
@@ -197,174 +206,13 @@ def _apply_override_items(
                 SpecProblem(file, ".".join(keys), None, f"{blocked} is a single value, not a mapping", source)
             )
             continue
-        _set_path(data, keys, value)
+        set_path(data, keys, value)
         applied.append((keys, source))
     return applied, problems
 
 
 # ---------------------------------------------------------------------------- error conversion
-def format_path(loc: Loc) -> str:
-    """`("eval", "tasks", 0)` -> `eval.tasks[0]`; `("sweep", "grid", "model.d_model")` ->
-    `sweep.grid['model.d_model']`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "." in part or not part:
-            out += f"[{part!r}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
 _dotted = format_path
-
-
-def _discriminated_members(field: Any) -> dict[str, type[BaseModel]]:
-    """Tag -> member model of a discriminated-union field, {} for other fields."""
-    disc = getattr(field, "discriminator", None)
-    if not isinstance(disc, str):
-        return {}
-    out: dict[str, type[BaseModel]] = {}
-    for member in _members(field.annotation):
-        f = member.model_fields.get(disc)
-        if f is not None and isinstance(f.default, str):
-            out[f.default] = member
-    return out
-
-
-def _clean_loc(loc: Loc) -> tuple[Loc, list[str] | None, str | None]:
-    """Drop union tags from a pydantic error location. Also returns the field names allowed at
-    the level of the last element (for did-you-mean on unknown keys) and, when that level is a
-    union member, which one (`"kind 'fixed'"`)."""
-    models: list[type[BaseModel]] | None = [JobSpec]
-    tags: dict[str, type[BaseModel]] = {}
-    disc: str | None = None
-    out: list[str | int] = []
-    allowed: list[str] | None = list(JobSpec.model_fields)
-    member: str | None = None
-    context: str | None = None
-    for part in loc:
-        if isinstance(part, str) and part in tags:
-            models = [tags[part]]
-            tags = {}
-            allowed = list(models[0].model_fields)
-            member = f"{disc} {part!r}"
-            continue
-        tags = {}
-        out.append(part)
-        context, member = member, None
-        allowed = [n for m in models for n in m.model_fields] if models else None
-        if isinstance(part, int) or not models:
-            models = None
-            continue
-        nxt: list[type[BaseModel]] = []
-        for m in models:
-            field = m.model_fields.get(part)
-            if field is None:
-                continue
-            tags.update(_discriminated_members(field))
-            disc = getattr(field, "discriminator", None)
-            nxt.extend(_members(field.annotation))
-        models = nxt or None
-    return tuple(out), allowed, context
-
-
-def _got(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if value is None:
-        return "null"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _number(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _friendly(
-    err: Mapping[str, Any], allowed: list[str] | None, key: str | int | None, context: str | None = None
-) -> str:
-    """A pydantic error as 'expected ..., got ...'."""
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    got = _got(value)
-    if kind == "missing":
-        return "missing item" if isinstance(key, int) else "required field is missing"
-    if kind == "extra_forbidden":
-        hint = did_you_mean(str(key), allowed or [])
-        if not hint and allowed:
-            hint = f" (allowed: {', '.join(allowed)})"
-        return f"unknown key for {context}{hint}" if context else f"unknown key{hint}"
-    if kind == "literal_error":
-        expected = str(ctx.get("expected", "")).replace(" or ", ", ")
-        choices = re.findall(r"'([^']*)'", expected)
-        return f"expected one of {expected}, got {got}{did_you_mean(str(value), choices)}"
-    if kind in ("float_parsing", "float_type"):
-        return f"expected a number, got {got}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"expected an integer, got {got}"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"expected true or false, got {got}"
-    if kind in ("string_type",):
-        return f"expected a string, got {got} (quote it)"
-    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
-        return f"expected a mapping (key: value), got {got}"
-    if kind in ("list_type", "tuple_type"):
-        return f"expected a list, got {got}"
-    comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in comparisons:
-        bound = next(iter(ctx.values()), "?")
-        noun = "an integer" if isinstance(bound, int) and isinstance(value, int) else "a number"
-        return f"expected {noun} {comparisons[kind]} {_number(bound)}, got {got}"
-    if kind == "too_short":
-        return f"expected at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length')}"
-    if kind == "too_long":
-        return f"expected at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
-    if kind == "string_too_short":
-        return f"expected at least {ctx.get('min_length')} character(s), got {got}"
-    if kind == "string_too_long":
-        return f"expected at most {ctx.get('max_length')} characters, got {len(str(value))}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    if kind == "union_tag_not_found":
-        return "required"
-    if kind == "stars_cross":
-        return str(err["msg"])
-    msg = str(err["msg"])
-    return msg[0].lower() + msg[1:] if msg else kind
-
-
-def _tag_error(err: Mapping[str, Any], loc: Loc) -> tuple[Loc, str]:
-    ctx = err.get("ctx") or {}
-    disc = str(ctx.get("discriminator", "")).strip("'\"")
-    expected = str(ctx.get("expected_tags", ""))
-    if not expected:
-        # union_tag_not_found has no expected tags: read them from the schema
-        field_loc, _, _ = _clean_loc(loc)
-        expected = ", ".join(repr(t) for t in _tags_at(field_loc))
-    if err["type"] == "union_tag_not_found":
-        return loc + (disc,), f"required: one of {expected}"
-    tag = ctx.get("tag")
-    choices = re.findall(r"'([^']*)'", expected)
-    return loc + (disc,), f"expected one of {expected}, got {tag!r}{did_you_mean(str(tag), choices)}"
-
-
-def _tags_at(path: Loc) -> list[str]:
-    model: type[BaseModel] = JobSpec
-    field = None
-    for part in path:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        members = _members(field.annotation)
-        if len(members) == 1:
-            model = members[0]
-    return list(_discriminated_members(field)) if field is not None else []
 
 
 def _line_for(path: Loc, lines: Mapping[Loc, int]) -> int | None:
@@ -385,21 +233,6 @@ def _source_for(
     return None
 
 
-def describe_errors(errors: Iterable[Mapping[str, Any]]) -> list[tuple[Loc, str]]:
-    """Pydantic errors as (clean path, friendly message) pairs."""
-    out = []
-    for err in errors:
-        raw_loc: Loc = tuple(err["loc"])
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raw_loc, message = _tag_error(err, raw_loc)
-            loc, _, _ = _clean_loc(raw_loc)
-        else:
-            loc, allowed, context = _clean_loc(raw_loc)
-            message = _friendly(err, allowed, loc[-1] if loc else None, context)
-        out.append((loc, message))
-    return out
-
-
 def _problems(
     errors: Iterable[Mapping[str, Any]],
     file: str | None,
@@ -407,7 +240,7 @@ def _problems(
     overrides: Sequence[tuple[tuple[str, ...], str]],
 ) -> list[SpecProblem]:
     out: list[SpecProblem] = []
-    for loc, message in describe_errors(errors):
+    for loc, message in describe_errors(errors, JobSpec):
         source = _source_for(loc, overrides, lines)
         line = None if source else _line_for(loc, lines)
         problem = SpecProblem(file, _dotted(loc), line, message, source)
@@ -420,7 +253,7 @@ def _partial_cross_errors(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Cross-section errors among the sections that are valid on their own (so that a spec with a
     bad field also gets its batch-size or task mismatch reported in the same run)."""
     sections: dict[str, Any] = {}
-    for name in _SECTION_NAMES:
+    for name in SECTION_NAMES:
         field = JobSpec.model_fields[name]
         try:
             if name in data:
@@ -438,10 +271,8 @@ def _partial_cross_errors(data: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _field_type(field: Any) -> Any:
-    disc = getattr(field, "discriminator", None)
-    if disc is not None:
-        return Annotated[_unwrap(field.annotation), Field(discriminator=disc)]
-    return field.annotation
+    # the field's own FieldInfo carries its discriminator and validators (e.g. model's default source)
+    return Annotated[field.annotation, field]
 
 
 def validate_data(
@@ -456,7 +287,7 @@ def validate_data(
     lines = lines or {}
     if not isinstance(data, dict):
         raise SpecError(
-            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {_got(data)}")]
+            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {describe_value(data)}")]
         )
     try:
         return JobSpec.model_validate(data)
@@ -484,7 +315,7 @@ def _grid_path_errors(data: Mapping[str, Any]) -> list[dict[str, Any]]:
         return []
     errors = []
     for key in grid:
-        problem = check_schema_path(str(key))
+        problem = check_schema_path(JobSpec, str(key))
         if problem is not None:
             errors.append({"type": "stars_cross", "loc": ("sweep", "grid", key), "msg": problem, "input": key})
     return errors
@@ -515,7 +346,7 @@ def load_spec(
         raise SpecError([SpecProblem(file, "", None, "the file is empty")])
     if not isinstance(data, dict):
         raise SpecError(
-            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {_got(data)}")]
+            [SpecProblem(file, "", lines.get(()), f"expected a mapping of sections (name:, model:, ...), got {describe_value(data)}")]
         )
     applied, override_problems = _apply_override_items(data, overrides, file)
     problems.extend(override_problems)
@@ -541,7 +372,7 @@ def apply_overrides(spec: JobSpec, assignments: Mapping[str, Any] | Sequence[str
     if isinstance(assignments, Mapping):
         for key, value in assignments.items():
             keys = ("sweep", "grid", key[11:]) if key.startswith("sweep.grid.") else tuple(key.split("."))
-            _set_path(data, keys, value)
+            set_path(data, keys, value)
             applied.append((keys, f"{key}={value!r}"))
     else:
         applied, problems = _apply_override_items(data, assignments, None)

@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,35 +39,32 @@ from mlflow.tracking import MlflowClient
 
 from stars.spec import (
     default_tracking_uri,
-    flatten_params,
     is_local_path,
     is_local_store,
     resolved_yaml,
     spec_hash,
 )
+from stars.tracking.params import flatten_params
 
 if TYPE_CHECKING:
     from stars.spec import JobSpec, Trial
 
 __all__ = [
     "DYN_METRICS",
-    "SUMMARY_DEPTHS",
+    "TAG_KIND",
     "TAG_PARENT",
     "TAG_RUN_KEY",
+    "TAG_STEP",
     "TRAIN_METRICS",
     "Tracker",
-    "depth_table_csv",
     "eval_run_name",
     "git_info",
     "ray_job_id",
     "resolve_tracking_uri",
-    "summary_metrics",
 ]
 
 TRAIN_METRICS = ("train/loss", "train/ce", "train/jsrr", "train/depth", "train/lr", "train/tokens_per_s")
 DYN_METRICS = ("dyn/hidden_norm", "dyn/step_size", "dyn/dist_from_start", "dyn/rho")
-SUMMARY_DEPTHS = (4, 8, 16)
-DROP_DEPTHS = (8, 16)
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_KEY = "stars.run_key"
@@ -81,9 +78,6 @@ TAG_STEP = "stars.step"
 TAG_NAME = "stars.name"
 TAG_NOTE = "mlflow.note.content"
 TAG_SOURCE_COMMIT = "mlflow.source.git.commit"
-
-_MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAMS_PER_BATCH = 100
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -144,39 +138,6 @@ def ray_job_id() -> str | None:
 def eval_run_name(step: int) -> str:
     """Name of the nested run of the checkpoint at training step `step`."""
     return f"eval@step={int(step)}"
-
-
-def summary_metrics(task: str, acc_by_depth: Mapping[int, float]) -> dict[str, float]:
-    """Depth-curve summary of one task: `<task>/peak_acc`, `<task>/best_depth` (smallest depth
-    reaching the peak), `<task>/acc_at_{4,8,16}` and `<task>/drop_at_{8,16}` = relative drop from
-    the peak, (peak - acc) / peak (0 when the peak is 0). Depths not scored are left out."""
-    if not acc_by_depth:
-        return {}
-    accs = {int(d): float(a) for d, a in acc_by_depth.items()}
-    peak = max(accs.values())
-    best = min(d for d, a in accs.items() if a == peak)
-    out = {f"{task}/peak_acc": peak, f"{task}/best_depth": float(best)}
-    for d in SUMMARY_DEPTHS:
-        if d in accs:
-            out[f"{task}/acc_at_{d}"] = accs[d]
-    for d in DROP_DEPTHS:
-        if d in accs:
-            out[f"{task}/drop_at_{d}"] = (peak - accs[d]) / peak if peak > 0 else 0.0
-    return out
-
-
-def depth_table_csv(curves: Mapping[str, Mapping[int, float]]) -> str:
-    """Depth curves as CSV: one row per depth, one column per metric."""
-    names = list(curves)
-    depths = sorted({int(d) for c in curves.values() for d in c})
-    rows = ["depth," + ",".join(names)]
-    for d in depths:
-        cells = []
-        for n in names:
-            v = curves[n].get(d)
-            cells.append("" if v is None else repr(float(v)))
-        rows.append(f"{d}," + ",".join(cells))
-    return "\n".join(rows) + "\n"
 
 
 def _now_ms() -> int:
@@ -354,50 +315,26 @@ class Tracker:
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], step: int, *, timestamp_ms: int | None = None
     ) -> None:
-        """Log metrics at `step` in batches (`log_batch`); None values are skipped."""
+        """Log metrics at `step` in one `log_batch` (MLflow splits it into batches its store
+        accepts); None values are skipped."""
         ts = timestamp_ms if timestamp_ms is not None else _now_ms()
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
-        self._log_metric_objects(run_id, items)
+        self.client.log_batch(run_id, metrics=items)
 
     def log_train_step(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         """Training metrics at step = optimizer step. Keys may be given with or without the
         `train/` prefix (`loss` or `train/loss`)."""
         self.log_metrics(run_id, {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step)
 
-    def log_depth_curves(self, eval_run_id: str, curves: Mapping[str, Mapping[int, float]]) -> None:
-        """Per-depth metrics with step = depth: `{"addition/acc": {1: 0.4, 2: 0.99}, "dyn/rho": {...}}`.
-        Also stores them as the artifact `depth_curves.csv`."""
-        ts = _now_ms()
-        items = [
-            Metric(name, float(v), ts, int(d)) for name, curve in curves.items() for d, v in curve.items() if v is not None
-        ]
-        self._log_metric_objects(eval_run_id, items)
-        if curves:
-            self.log_text(eval_run_id, depth_table_csv(curves), "depth_curves.csv")
-
-    def log_eval_summary(
-        self, trial_run_id: str, step: int, acc_by_task: Mapping[str, Mapping[int, float]]
-    ) -> dict[str, float]:
-        """Summary metrics of one evaluated checkpoint on the trial run at step = training step
-        (`summary_metrics` per task). Returns what was logged."""
-        out: dict[str, float] = {}
-        for task, accs in acc_by_task.items():
-            out.update(summary_metrics(task, accs))
-        self.log_metrics(trial_run_id, out, step)
-        return out
-
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        """Log params in batches of 100, skipping keys the run already has (params are immutable
-        in MLflow; a reused run keeps its first values)."""
+        """Log params in one `log_batch` (MLflow splits it into batches of 100), skipping keys the
+        run already has (params are immutable in MLflow; a reused run keeps its first values)."""
         existing = self.client.get_run(run_id).data.params
         new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(new), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=new[i : i + _MAX_PARAMS_PER_BATCH])
+        self.client.log_batch(run_id, params=new)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, tags=items[i : i + _MAX_PARAMS_PER_BATCH])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -421,11 +358,6 @@ class Tracker:
         if kind:
             filt += f" and tags.`{TAG_KIND}` = '{kind}'"
         return list(self.client.search_runs([run.info.experiment_id], filter_string=filt, max_results=10_000))
-
-    def _log_metric_objects(self, run_id: str, items: Sequence[Metric] | Iterable[Metric]) -> None:
-        items = list(items)
-        for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 
 
 def _tag_value(value: Any) -> str:

@@ -1,0 +1,124 @@
+"""Evaluation bookkeeping on a Ray Train run's storage: what is scored (`EvalLedger`) and which
+checkpoints Ray still keeps (`committed_checkpoints`).
+
+Both read the run directory through pyarrow filesystems, so a run on local disk and one on object
+storage (`s3://...`) are handled alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray.train
+
+from stars.checkpoint import TASK_FILE, step_dir_name, step_of
+
+# Ray Train V2's run snapshot (`ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`).
+# Only its presence is checked here; its content is read by Ray itself (`ray.train.Result.from_path`).
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) of a local directory or storage URI."""
+    if "://" not in run_dir:
+        run_dir = os.path.abspath(os.path.expanduser(run_dir))
+    return pafs.FileSystem.from_uri(run_dir)
+
+
+class EvalLedger:
+    """Which (checkpoint, task) are scored, on the run's shared storage (local path or URI):
+
+        <run dir>/eval/step_NNNNNNN/<task>.running.json   claimed: pid, host, start time
+        <run dir>/eval/step_NNNNNNN/<task>.done.json      scored: TaskEval + eval run id
+        <run dir>/eval/step_NNNNNNN/<task>.csv, .png      the depth table and plot
+
+    A done marker is written last (atomically on local storage) and only after MLflow holds the
+    results, so "done" never claims more than is stored; a restart scores exactly what has none.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.fs, self.root = _filesystem(run_dir)
+        self.run_dir = run_dir
+
+    def dir_of(self, step: int) -> str:
+        return f"{self.root}/eval/{step_dir_name(step)}"
+
+    def _path(self, step: int, name: str) -> str:
+        return f"{self.dir_of(step)}/{name}"
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            try:
+                return json.loads(f.read().decode())
+            except ValueError:
+                return None  # a torn write on a store without atomic rename: treat as not done
+
+    def _write(self, path: str, data: bytes) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def done(self, step: int, task: str) -> dict[str, Any] | None:
+        """The done record of (checkpoint at `step`, `task`), or None when it is not scored."""
+        return self._read(self._path(step, f"{task}.done.json"))
+
+    def missing(self, step: int, tasks: Iterable[str]) -> list[str]:
+        """The tasks of `tasks` not scored at `step`, in order."""
+        return [t for t in tasks if self.done(step, t) is None]
+
+    def mark_running(self, step: int, task: str, info: Mapping[str, Any]) -> None:
+        self._write(self._path(step, f"{task}.running.json"), json.dumps(dict(info), indent=1).encode())
+
+    def running(self, step: int, task: str) -> dict[str, Any] | None:
+        return self._read(self._path(step, f"{task}.running.json"))
+
+    def mark_done(self, step: int, task: str, record: Mapping[str, Any]) -> None:
+        self._write(self._path(step, f"{task}.done.json"), json.dumps(dict(record), indent=1).encode())
+
+    def put_files(self, step: int, files: Iterable[Path]) -> None:
+        for f in files:
+            self._write(self._path(step, f.name), f.read_bytes())
+
+    def done_steps(self, task: str) -> list[int]:
+        """Steps whose `task` is scored."""
+        sel = pafs.FileSelector(f"{self.root}/eval", allow_not_found=True)
+        steps = []
+        for info in self.fs.get_file_info(sel):
+            s = step_of(info.path)
+            if info.type == pafs.FileType.Directory and s is not None and self.done(s, task) is not None:
+                steps.append(s)
+        return sorted(steps)
+
+
+def committed_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint directory names Ray Train has committed for a run and still keeps, oldest first.
+
+    Read through Ray's public `ray.train.Result.from_path`, which restores the run's checkpoint
+    manager from its snapshot: `best_checkpoints` is every checkpoint the manager keeps (from_path
+    applies no `num_to_keep`), those still waiting for their validation included, since Ray prunes
+    none of those; the latest checkpoint is always among them. Ray rewrites the snapshot before it
+    deletes anything, so a listed checkpoint is on storage. A run directory without a snapshot (not
+    written by Ray Train) falls back to the `step_*` directories holding a complete checkpoint."""
+    fs, root = _filesystem(run_dir)
+    if fs.get_file_info(f"{root}/{RAY_RUN_SNAPSHOT}").type == pafs.FileType.File:
+        result = ray.train.Result.from_path(root, storage_filesystem=fs)
+        kept = [checkpoint for checkpoint, _ in result.best_checkpoints or []]
+        if result.checkpoint is not None:
+            kept.append(result.checkpoint)
+        names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in kept}
+    else:
+        names = set()
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            name = info.path.rsplit("/", 1)[-1]
+            if step_of(name) is not None and fs.get_file_info(f"{info.path}/{TASK_FILE}").type == pafs.FileType.File:
+                names.add(name)
+    return sorted(names, key=lambda n: step_of(n) or -1)

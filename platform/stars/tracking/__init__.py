@@ -1,0 +1,47 @@
+"""MLflow tracking of STARS jobs: the run hierarchy (`client`) and the writes of evaluation results
+(`evaluation`), through `MlflowClient` and explicit run ids.
+
+See `stars.tracking.client` for the layout of runs and metrics (also docs/architecture.md).
+"""
+
+from stars.tracking.client import (
+    DYN_METRICS,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_RUN_KEY,
+    TAG_STEP,
+    TRAIN_METRICS,
+    Tracker,
+    eval_run_name,
+    git_info,
+    ray_job_id,
+    resolve_tracking_uri,
+)
+from stars.tracking.evaluation import log_task_eval
+from stars.tracking.params import (
+    MAX_PARAM_KEY,
+    MAX_PARAM_VALUE,
+    flatten_params,
+    iter_secret_values,
+    param_key,
+)
+
+__all__ = [
+    "DYN_METRICS",
+    "MAX_PARAM_KEY",
+    "MAX_PARAM_VALUE",
+    "TAG_KIND",
+    "TAG_PARENT",
+    "TAG_RUN_KEY",
+    "TAG_STEP",
+    "TRAIN_METRICS",
+    "Tracker",
+    "eval_run_name",
+    "flatten_params",
+    "git_info",
+    "iter_secret_values",
+    "log_task_eval",
+    "param_key",
+    "ray_job_id",
+    "resolve_tracking_uri",
+]

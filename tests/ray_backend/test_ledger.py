@@ -1,0 +1,80 @@
+"""Evaluation bookkeeping on run storage: the done-marker ledger, and the checkpoints Ray Train keeps
+(read back from a real Ray Train run's snapshot through `ray.train.Result.from_path`)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from stars.checkpoint import TASK_FILE, step_dir_name
+from stars.ray_backend.ledger import RAY_RUN_SNAPSHOT, EvalLedger, committed_checkpoints
+
+
+def test_ledger_records_done_units_and_lists_what_is_missing(tmp_path):
+    ledger = EvalLedger(str(tmp_path / "run"))
+    assert ledger.missing(10, ["addition", "gsm8k"]) == ["addition", "gsm8k"]
+    ledger.mark_running(10, "addition", {"pid": 1})
+    assert ledger.missing(10, ["addition"]) == ["addition"]  # running is not done
+    ledger.mark_done(10, "addition", {"summary": {"addition/peak_acc": 1.0}})
+    assert ledger.missing(10, ["addition", "gsm8k"]) == ["gsm8k"]
+    assert ledger.done(10, "addition")["summary"] == {"addition/peak_acc": 1.0}
+    assert ledger.running(10, "addition") == {"pid": 1}
+    assert ledger.done_steps("addition") == [10]
+    assert (tmp_path / "run" / "eval" / "step_0000010" / "addition.done.json").is_file()
+    assert not list((tmp_path / "run" / "eval" / "step_0000010").glob("*.tmp-*"))  # atomic writes
+    # a restarted job sees the same state through a new ledger
+    assert EvalLedger(str(tmp_path / "run")).missing(10, ["addition"]) == []
+
+
+def test_ledger_treats_a_torn_done_marker_as_not_done(tmp_path):
+    ledger = EvalLedger(str(tmp_path / "run"))
+    marker = Path(ledger.dir_of(20)) / "addition.done.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text('{"summary": ')
+    assert ledger.missing(20, ["addition"]) == ["addition"]
+
+
+def _checkpoint_dirs(run: Path, steps) -> None:
+    for s in steps:
+        (run / step_dir_name(s)).mkdir(parents=True)
+        (run / step_dir_name(s) / TASK_FILE).write_text("{}")
+
+
+def test_without_a_ray_snapshot_committed_checkpoints_are_the_complete_step_directories(tmp_path):
+    run = tmp_path / "run"
+    _checkpoint_dirs(run, (20, 10, 30))
+    (run / "step_0000040").mkdir()  # being written: no stars_task.json yet
+    (run / "eval").mkdir()
+    assert committed_checkpoints(str(run)) == ["step_0000010", "step_0000020", "step_0000030"]
+    assert committed_checkpoints(str(tmp_path / "no-such-run")) == []
+
+
+def _report_three_checkpoints(config: dict) -> None:
+    import ray.train
+
+    for step in (1, 2, 3):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / TASK_FILE).write_text("{}")
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=step_dir_name(step))
+
+
+@pytest.mark.ray
+def test_committed_checkpoints_are_what_ray_train_keeps(ray_cluster, tmp_path):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _report_three_checkpoints,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="ledger-run", storage_path=str(tmp_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    run = tmp_path / "ledger-run"
+    assert (run / RAY_RUN_SNAPSHOT).is_file()
+    _checkpoint_dirs(run, (99,))  # complete-looking, but not Ray's: the snapshot decides, not the listing
+    assert committed_checkpoints(str(run)) == ["step_0000003"]  # 1 and 2 were pruned (num_to_keep=1)
+    assert committed_checkpoints(str(run)) == [Path(result.checkpoint.path).name]
