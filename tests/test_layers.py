@@ -31,3 +31,13 @@ def test_every_stars_package_is_in_a_layer():
     modules = {f"stars.{p.stem}" for p in pkg.glob("*.py") if p.stem != "__init__"}
     modules |= {f"stars.{p.name}" for p in pkg.iterdir() if (p / "__init__.py").is_file()}
     assert modules - named == set(), f"place these in the layers contract: {sorted(modules - named)}"
+
+
+def test_every_spec_module_is_in_the_spec_layers():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (spec_contract,) = [c for c in contracts if c.get("containers") == ["stars.spec"]]
+    named = {m.strip() for layer in spec_contract["layers"] for m in layer.replace("|", ":").split(":")}
+    modules = {p.stem for p in (ROOT / "platform" / "stars" / "spec").glob("*.py") if p.stem != "__init__"}
+    assert modules - named == set(), f"place these in the stars.spec layers: {sorted(modules - named)}"
