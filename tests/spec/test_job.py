@@ -144,3 +144,14 @@ def test_every_number_field_is_strict():
         if (model.__name__, name) not in parsed and _loose_numbers(field.annotation, field.metadata)
     ]
     assert not loose, f"number fields that would take booleans: {loose}"
+
+
+def test_the_sweep_section_is_documented_in_the_schema():
+    # `starsctl schema` is the help text: every sweep field says what it does
+    defs = JobSpec.model_json_schema()["$defs"]
+    for model in ("SweepSpec", "SampleDistribution", "EarlyStopSpec"):
+        undocumented = [name for name, prop in defs[model]["properties"].items() if len(prop.get("description", "")) < 20]
+        assert not undocumented, f"{model}: {undocumented}"
+    sweep = defs["SweepSpec"]["properties"]
+    assert set(sweep) >= {"variants", "grid", "sample", "num_samples", "sample_seed", "seeds", "max_concurrent_trials", "early_stop"}
+    assert "pins" in sweep["variants"]["description"] and "loguniform" in sweep["sample"]["description"]

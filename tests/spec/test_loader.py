@@ -147,3 +147,12 @@ def test_spec_errors_are_user_errors(write, minimal):
     assert isinstance(info.value, SpecError)
     file = info.value.problems[0].file
     assert info.value.lines() == [str(p) for p in info.value.problems] + [f"{file}: 1 problem"]
+
+
+def test_set_keeps_dotted_paths_inside_sweep_grid_and_sample_whole():
+    from stars.spec import parse_override
+
+    assert parse_override("sweep.grid.model.d_model=[64, 128]") == (("sweep", "grid", "model.d_model"), [64, 128])
+    assert parse_override("sweep.sample.train.lr={loguniform: [1.0e-4, 1.0e-3]}") == (
+        ("sweep", "sample", "train.lr"), {"loguniform": [1e-4, 1e-3]})
+    assert parse_override("sweep.seeds=[0, 1]") == (("sweep", "seeds"), [0, 1])

@@ -8,7 +8,7 @@ The modules import one way, each only from those above it:
 2. one module per section: `model`, `data`, `stars`, `train`, `resources`, `eval`, `sweep`,
    `tracking`.
 3. `job`: `JobSpec`, the rules across sections and the defaults that follow from them.
-4. `expand`: a sweep grid as trials.
+4. `expand`: a sweep (variants x grid x sampled draws x seeds) as trials.
 5. `resolve`: `resolve_spec`, `resolved_yaml`, `spec_hash` (the resume identity), warnings.
 6. `loader`: `load_spec` and friends, every problem at once with file, line and path.
 
@@ -74,7 +74,14 @@ from stars.spec.stars import (
     StarsSpec,
     UniformLoops,
 )
-from stars.spec.sweep import SweepSpec
+from stars.spec.sweep import (
+    MAX_TRIALS,
+    SAMPLE_DIGITS,
+    EarlyStopSpec,
+    SampleDistribution,
+    SweepSpec,
+    trial_key,
+)
 from stars.spec.tracking import TrackingSpec
 from stars.spec.train import TrainSpec
 
@@ -88,18 +95,21 @@ __all__ = [
     "MATH_BENCHMARKS",
     "MAX_DEPTH",
     "MAX_SEED",
+    "MAX_TRIALS",
     "MLPS",
     "NON_COMPUTING_FIELDS",
     "NORM_POSITIONS",
     "NORM_TYPES",
     "POSITIONS",
     "REDACTED",
+    "SAMPLE_DIGITS",
     "SECTION_NAMES",
     "UNSUPPORTED_SOURCES",
     "UNSWEEPABLE",
     "AdditionData",
     "CheckpointModel",
     "DataSpec",
+    "EarlyStopSpec",
     "EvalResources",
     "EvalSpec",
     "EvalTask",
@@ -117,6 +127,7 @@ __all__ = [
     "NormSpec",
     "PoissonLognormalLoops",
     "ResourcesSpec",
+    "SampleDistribution",
     "Section",
     "SeededSampler",
     "SpecError",
@@ -157,5 +168,6 @@ __all__ = [
     "spec_hash",
     "spec_warnings",
     "sweep_trials",
+    "trial_key",
     "validate_data",
 ]

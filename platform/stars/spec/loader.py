@@ -158,18 +158,30 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[SpecPro
 _OVERRIDE = re.compile(r"^\s*([^=\s][^=]*?)\s*=(.*)$", re.S)
 
 
+#: Sweep mappings keyed by a whole dotted spec path: `--set sweep.grid.model.d_model=[64, 128]` sets
+#: the grid entry `model.d_model`, not a nested `model: {d_model: ...}`.
+_DOTTED_KEY_SECTIONS = ("sweep.grid.", "sweep.sample.")
+
+
+def override_keys(key: str) -> tuple[str, ...]:
+    """The path of a `--set` key: split at dots, except the spec path inside `sweep.grid.` and
+    `sweep.sample.`, which stays one key."""
+    for prefix in _DOTTED_KEY_SECTIONS:
+        if key.startswith(prefix) and len(key) > len(prefix):
+            return (*prefix.rstrip(".").split("."), key[len(prefix) :])
+    return tuple(key.split("."))
+
+
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     """`"train.lr=3e-4"` -> `(("train", "lr"), "3e-4")`: the value is read as YAML
     (`true`, `[1, 2]`, `{kind: fixed, depth: 4}`, `null`), then typed by the schema.
-    `sweep.grid.<dotted path>=[...]` keeps the dotted path as one grid key. Raises ValueError."""
+    `sweep.grid.<dotted path>=[...]` and `sweep.sample.<dotted path>={...}` keep the dotted path as one
+    key. Raises ValueError."""
     m = _OVERRIDE.match(item)
     if not m:
         raise ValueError("expected KEY=VALUE, e.g. --set train.lr=3e-4")
     key, text = m.group(1), m.group(2).strip()
-    if key.startswith("sweep.grid.") and len(key) > len("sweep.grid."):
-        keys: tuple[str, ...] = ("sweep", "grid", key[len("sweep.grid.") :])
-    else:
-        keys = tuple(key.split("."))
+    keys = override_keys(key)
     if any(not k.strip() for k in keys):
         raise ValueError(f"empty part in the key {key!r}")
     try:
@@ -371,7 +383,7 @@ def apply_overrides(spec: JobSpec, assignments: Mapping[str, Any] | Sequence[str
     applied: list[tuple[tuple[str, ...], str]] = []
     if isinstance(assignments, Mapping):
         for key, value in assignments.items():
-            keys = ("sweep", "grid", key[11:]) if key.startswith("sweep.grid.") else tuple(key.split("."))
+            keys = override_keys(key)
             set_path(data, keys, value)
             applied.append((keys, f"{key}={value!r}"))
     else:

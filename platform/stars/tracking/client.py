@@ -251,7 +251,7 @@ class Tracker:
             tags[TAG_RAY_JOB_ID] = job_id
         if spec.description:
             tags[TAG_NOTE] = spec.description
-        if spec.sweep.grid:
+        if spec.sweep.enabled:
             tags["stars.num_trials"] = str(spec.sweep.num_trials)
         tags.update(extra_tags or {})
         run_id, _ = self.get_or_create_run(exp_id, f"{spec.name}@{h}", spec.name, tags=tags, reuse=reuse)
