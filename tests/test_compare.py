@@ -113,6 +113,13 @@ def test_starsctl_compare_prints_table_and_writes_png(store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "addition/acc by depth" in res.output and "drop@16" in res.output
     assert png.is_file() and f"wrote {png}" in res.output
+    md = runner.invoke(app, ["compare", "cmp", "--task", "addition", "--tracking-uri", store["uri"],
+                             "--out", str(png), "--markdown"])
+    assert md.exit_code == 0, md.output
+    rows = [line for line in md.output.splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| run | 1 | 2 |") and rows[0].endswith("| peak | drop@8 | drop@16 |")
+    assert set(rows[1].replace("|", "")) <= {"-", ":"} and len(rows) >= 3
+    assert all(r.count("|") == rows[0].count("|") for r in rows)
 
 
 @pytest.mark.parametrize(

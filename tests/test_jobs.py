@@ -86,3 +86,30 @@ def test_jobs_match_the_published_json_schema(path):
     """What `starsctl schema` prints is usable by editors: the shipped jobs validate against it."""
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(yaml.safe_load(path.read_text()), JobSpec.model_json_schema())
+
+
+def test_the_ablation_is_four_variants_times_three_seeds():
+    trials = sweep_trials(load("addition-ablation.yaml"))
+    assert len(trials) == 12
+    by_variant: dict[str, list] = {}
+    for t in trials:
+        by_variant.setdefault(t.assignments["variant"], []).append(t)
+    assert sorted(by_variant) == ["baseline", "jsrr", "random_loop", "stars"]
+    for variant, group in by_variant.items():
+        assert sorted(t.spec.seed for t in group) == [0, 1, 2]
+        s = group[0].spec.stars
+        random_loop = variant in ("random_loop", "stars")
+        assert (s.loop_sampling.kind == "lognormal") == random_loop, variant
+        assert (s.jsrr.weight > 0) == (variant in ("jsrr", "stars")), variant
+        assert group[0].spec.model.norm.position == "post_sandwich"
+
+
+def test_the_norm_lambda_sweep_is_small_by_default_and_full_in_one_set():
+    assert len(sweep_trials(load("norm-lambda-sweep.yaml"))) == 8
+    full = ("sweep.grid={model.norm.type: [layernorm, rmsnorm, simplenorm], model.norm.position: [pre, post, "
+            "pre_sandwich, post_sandwich], stars.jsrr.weight: [0.0, 0.01, 0.03, 0.1, 0.3]}")
+    trials = sweep_trials(load_spec(JOBS / "norm-lambda-sweep.yaml", [full]))
+    assert len(trials) == 60
+    assert {(t.spec.model.norm.type, t.spec.model.norm.position, t.spec.stars.jsrr.weight) for t in trials} == {
+        (ty, pos, w) for ty in ("layernorm", "rmsnorm", "simplenorm")
+        for pos in ("pre", "post", "pre_sandwich", "post_sandwich") for w in (0.0, 0.01, 0.03, 0.1, 0.3)}

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _lint_imports() -> list[str]:
     exe = shutil.which("lint-imports")
     assert exe is not None, "import-linter is a dev dependency: pip install -e '.[dev]'"
-    return [exe, "--config", str(ROOT / "pyproject.toml"), "--no-cache"]
+    return [exe, str(ROOT / "pyproject.toml"), "--no-cache"]
 
 
 def test_import_contracts_hold():

@@ -175,3 +175,18 @@ def test_trust_remote_code_reaches_the_tokenizer(tiny_spec, tmp_path):
 
     assert tokenizer_class(True) == "MarkedTokenizer"
     assert tokenizer_class(False) != "MarkedTokenizer"
+
+
+def test_a_non_finite_loss_stops_training_at_that_step(tiny_spec):
+    """fp16 weights at lr 10 overflow within a few steps: training raises `TrainingDiverged` naming the
+    step, before applying that step's update."""
+    from stars.spec import apply_overrides
+    from stars.train import TrainingDiverged, train_loop
+
+    spec = apply_overrides(tiny_spec(), {
+        "model.dtype": "float16", "model.norm.position": "pre", "train.lr": 10.0, "train.grad_clip": None,
+        "train.warmup_steps": 0, "train.schedule": "constant", "stars.jsrr.weight": 0.0, "eval.tasks": [],
+    })
+    with pytest.raises(TrainingDiverged, match=r"^diverged at step \d+: loss (nan|inf)") as info:
+        train_loop(spec)
+    assert 1 <= info.value.step <= spec.train.max_steps

@@ -109,7 +109,7 @@ def validate(
             continue
         for warning in spec_warnings(spec):
             typer.echo(f"{path}: warning: {warning}", err=True)
-        trials = f", {spec.sweep.num_trials} trials" if spec.sweep.grid else ""
+        trials = f", {spec.sweep.num_trials} trials" if spec.sweep.enabled else ""
         typer.echo(f"OK {path} ({spec.name}{trials})")
         if show:
             typer.echo(resolved_yaml(spec, redact=True))  # printed: never show secret values
@@ -167,8 +167,10 @@ def submit(
             raise
         _fail("starsctl submit: the Ray backend (stars.ray_backend.submit) is not installed", code=1)
     result = ray_submit(spec, spec_path=file, address=address)
-    if result is not None:
-        typer.echo(str(result))
+    if isinstance(result, str):  # submitted to a cluster: how to follow it
+        typer.echo(result)
+    elif result:  # ran here; a trial failed (the job printed which and why)
+        raise typer.Exit(result)
 
 
 # `starsctl eval` and `starsctl compare`: heavy imports (torch, mlflow) inside the command bodies.
@@ -269,6 +271,7 @@ def compare(
     ] = None,
     step: Annotated[int | None, typer.Option(help="Compare the checkpoints at this training step.")] = None,
     all_steps: Annotated[bool, typer.Option("--all-steps", help="Every evaluated checkpoint, not the latest.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (for docs).")] = False,
 ) -> None:
     """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16) and one overlay PNG."""
     from stars.compare import CompareError, plot_comparison
@@ -278,7 +281,7 @@ def compare(
         comp = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
     except CompareError as exc:
         _fail(f"starsctl compare: {exc}")
-    typer.echo(comp.table())
+    typer.echo(comp.markdown() if markdown else comp.table())
     png = plot_comparison(comp, out if out is not None else Path(f"compare-{comp.task}.png"))
     typer.echo(f"wrote {png}")
 

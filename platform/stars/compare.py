@@ -51,6 +51,9 @@ class Comparison:
     def table(self) -> str:
         return format_table(self)
 
+    def markdown(self) -> str:
+        return format_markdown(self)
+
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
@@ -266,4 +269,18 @@ def format_table(comp: Comparison) -> str:
         lines.append(f"{c.label:<{width}} {cells} {peak:>10} {drops}")
     for label in comp.skipped:
         lines.append(f"(skipped {label}: no {t}/acc)")
+    return "\n".join(lines)
+
+
+def format_markdown(comp: Comparison) -> str:
+    """The same table as `format_table` as a Markdown table (for docs: `starsctl compare ... --markdown`)."""
+    t = comp.task
+    head = ["run", *(str(d) for d in comp.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for c in comp.curves:
+        s = c.summary
+        peak = f"{s[f'{t}/peak_acc']:.3f}@{int(s[f'{t}/best_depth'])}" if f"{t}/peak_acc" in s else "-"
+        cells = [f"`{c.label}`", *(f"{c.acc[d]:.3f}" if d in c.acc else "-" for d in comp.depths), peak,
+                 *(_drop_cell(s, t, d) for d in DROP_DEPTHS)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         from stars.ray_backend.job import run_job
         from stars.spec import load_spec
 
-        run_job(load_spec(args.spec, args.overrides), address=args.address)
+        result = run_job(load_spec(args.spec, args.overrides), address=args.address)
     except UserError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_USER_ERROR
-    return 0
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

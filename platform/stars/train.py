@@ -169,6 +169,32 @@ class TrainSummary:
     checkpoint_dir: str | None = None
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss of a step was not finite (NaN or inf); training stopped before applying it.
+
+    Its message, "diverged at step N: ...", is what a sweep reports for the trial. A restart from the
+    last checkpoint replays the same steps (every random draw is a function of the step), so it would
+    diverge again: lower the learning rate or fix the data instead."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"diverged at step {step}: loss {loss}")
+        self.step, self.loss = step, loss
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its own arguments
+        return type(self), (self.step, self.loss)
+
+
+def _finite_on_every_rank(loss: float, worker: WorkerContext) -> bool:
+    """Whether every rank's loss of this step is finite (all ranks must stop at the same step, or the
+    ones that go on wait forever in the next collective)."""
+    bad = not math.isfinite(loss)
+    if worker.world_size == 1 or not torch.distributed.is_initialized():
+        return not bad
+    flag = torch.tensor([int(bad)], dtype=torch.long, device=worker.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.default_rng([seed, step, rank]).integers(2**62))
 
@@ -241,6 +267,9 @@ def train_loop(
             jsrr_sum += float(jsrr.detach()) / accum
         # Logged per rank (rank 0): its share of the global-batch CE and its mean penalty.
         last_loss = (1 - jsrr_weight) * ce_sum + jsrr_weight * jsrr_sum
+        if not _finite_on_every_rank(last_loss, worker):
+            # Stop before the update: NaN/inf would only spread. Every rank raises at the same step.
+            raise TrainingDiverged(step + 1, last_loss)
         if tr.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
         lr = optimizer.param_groups[0]["lr"]

@@ -78,3 +78,17 @@ def test_committed_checkpoints_are_what_ray_train_keeps(ray_cluster, tmp_path):
     _checkpoint_dirs(run, (99,))  # complete-looking, but not Ray's: the snapshot decides, not the listing
     assert committed_checkpoints(str(run)) == ["step_0000003"]  # 1 and 2 were pruned (num_to_keep=1)
     assert committed_checkpoints(str(run)) == [Path(result.checkpoint.path).name]
+
+
+def test_latest_summary_is_the_newest_checkpoint_with_every_task_scored(tmp_path):
+    from stars.ray_backend.ledger import EvalLedger
+
+    ledger = EvalLedger(str(tmp_path / "run"))
+    assert ledger.latest_summary(["addition"]) == {}
+    ledger.mark_done(10, "addition", {"summary": {"addition/peak_acc": 0.5}})
+    ledger.mark_done(20, "addition", {"summary": {"addition/peak_acc": 0.9}})
+    ledger.mark_done(10, "gsm8k", {"summary": {"gsm8k/peak_acc": 0.1}})
+    assert ledger.latest_summary(["addition"]) == {"eval/step": 20.0, "addition/peak_acc": 0.9}
+    # step 20 has no gsm8k yet: the newest step with both is 10
+    assert ledger.latest_summary(["addition", "gsm8k"]) == {
+        "eval/step": 10.0, "addition/peak_acc": 0.5, "gsm8k/peak_acc": 0.1}

@@ -121,13 +121,12 @@ def test_run_directories_follow_what_training_computes(tiny_spec):
 
 
 def test_resubmitting_resumes_or_starts_fresh_by_what_changed(ray_cluster, tiny_spec):
-    """A sweep trial run to completion, then submitted again: with only a logging field changed it
-    finds its finished run (same directory, same final checkpoint, no step trained again); with a
-    training field changed it starts fresh in a new directory."""
+    """A job run to completion, then submitted again: with only a logging field changed it finds its
+    finished run (same directory, same final checkpoint, no step trained again); with a training field
+    changed it starts fresh in a new directory. (Sweep trials: tests/ray_backend/test_sweep.py.)"""
     from stars.spec import apply_overrides
 
-    spec = tiny_spec(**{"train.max_steps": 4, "train.checkpoint_every": 4, "eval.tasks": [],
-                        "sweep.grid": {"stars.jsrr.weight": [0.1]}})
+    spec = tiny_spec(**{"train.max_steps": 4, "train.checkpoint_every": 4, "eval.tasks": []})
     quiet = {"console": lambda line: None}
     first = run_job(spec, **quiet).trials[0]
     again = run_job(apply_overrides(spec, {"train.log_every": 3}), **quiet).trials[0]

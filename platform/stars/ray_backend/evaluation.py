@@ -82,6 +82,10 @@ class EvalContext:
     tracking_uri: str | None = None
     artifact_root: str | None = None
     benchmark_paths: Mapping[str, str] = field(default_factory=dict)  # math benchmark -> local copy
+    actor_offset: int = 0
+    """Task j of a checkpoint goes to actor (actor_offset + j) % len(actors). A sweep gives each trial
+    its own offset (its index), so concurrent trials start on different evaluators instead of all
+    queueing on the first one."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form Ray Train's `ValidationTaskConfig.fn_kwargs` asks for."""
@@ -89,6 +93,7 @@ class EvalContext:
             "run_dir": self.run_dir, "eval": self.eval.model_dump(mode="json"), "actors": list(self.actors),
             "namespace": self.namespace, "trial_run_id": self.trial_run_id, "tracking_uri": self.tracking_uri,
             "artifact_root": self.artifact_root, "benchmark_paths": dict(self.benchmark_paths),
+            "actor_offset": self.actor_offset,
         }
 
     @classmethod
@@ -209,7 +214,7 @@ def score_checkpoint(checkpoint: Checkpoint, ctx: EvalContext) -> dict[str, floa
         eval_run = tracker.start_eval(ctx.trial_run_id, step)
         tracker.set_tags(eval_run, {"stars.checkpoint": checkpoint.path, "stars.eval.tasks": ",".join(tasks)})
     units = {task: EvalUnit(ctx, step, task, primary=task == tasks[0], eval_run_id=eval_run) for task in todo}
-    actor_of = {task: ctx.actors[j % len(ctx.actors)] for j, task in enumerate(todo)}
+    actor_of = {task: ctx.actors[(ctx.actor_offset + j) % len(ctx.actors)] for j, task in enumerate(todo)}
     refs = {t: _actor(actor_of[t], ctx.namespace).score.remote(checkpoint, u) for t, u in units.items()}
     failures = []
     for task, unit in units.items():
@@ -308,27 +313,34 @@ class EvaluationService:
                     "Lower eval.workers / eval.resources or the training resources."
                 )
 
-    def context(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> EvalContext:
+    def context(
+        self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str, actor_offset: int = 0
+    ) -> EvalContext:
         """How the checkpoints of one trial are evaluated."""
         return EvalContext(
             run_dir=run_dir, eval=trial_spec.eval, actors=tuple(self.names), namespace=self.namespace,
             trial_run_id=trial_run_id, tracking_uri=trial_spec.tracking.uri if trial_run_id else None,
             artifact_root=trial_spec.tracking.artifact_location, benchmark_paths=dict(self.benchmark_paths),
+            actor_offset=actor_offset,
         )
 
-    def validation_config(self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str) -> ValidationConfig | None:
+    def validation_config(
+        self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str, actor_offset: int = 0
+    ) -> ValidationConfig | None:
         """Ray Train `ValidationConfig` scoring every checkpoint as it is committed, or None when
         only the final checkpoint is evaluated (`eval.every_checkpoint: false`)."""
         if not (trial_spec.eval.tasks and trial_spec.eval.every_checkpoint):
             return None
+        context = self.context(trial_spec, trial_run_id, run_dir, actor_offset)
         return ValidationConfig(
             fn=validate_checkpoint,
-            task_config=ValidationTaskConfig(fn_kwargs=self.context(trial_spec, trial_run_id, run_dir).to_json()),
+            task_config=ValidationTaskConfig(fn_kwargs=context.to_json()),
             ray_remote_kwargs={"num_cpus": 0, "max_retries": 2},
         )
 
     def finish_trial(
-        self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str, final_checkpoint: str | None
+        self, trial_spec: JobSpec, trial_run_id: str | None, run_dir: str, final_checkpoint: str | None,
+        actor_offset: int = 0,
     ) -> dict[int, dict[str, float]]:
         """After `fit()`: score every committed checkpoint of the run that is still missing a task
         (only the final one with `eval.every_checkpoint: false`). Returns {step: summary}."""
@@ -338,7 +350,7 @@ class EvaluationService:
             names = committed_checkpoints(run_dir)
         else:
             names = [os.path.basename(final_checkpoint.rstrip("/"))] if final_checkpoint else []
-        ctx = self.context(trial_spec, trial_run_id, run_dir)
+        ctx = self.context(trial_spec, trial_run_id, run_dir, actor_offset)
         ledger = EvalLedger(run_dir)
         out: dict[int, dict[str, float]] = {}
         errors = []

@@ -7,7 +7,6 @@ on a cluster (`python -m stars.run`, see `stars.run`).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from stars.errors import UserError
 from stars.spec import UNSUPPORTED_SOURCES, JobSpec, resolve_spec, sweep_trials
 
 if TYPE_CHECKING:
+    from stars.ray_backend.sweep import TrialOutcome
     from stars.ray_backend.training import TrialResult
 
 
@@ -28,18 +28,29 @@ class UnsupportedSpecError(UserError):
 class JobResult:
     job_run_id: str | None
     tracking_uri: str | None
-    trials: list[TrialResult] = field(default_factory=list)
+    outcomes: list[TrialOutcome] = field(default_factory=list)
     wall_seconds: float = 0.0
+
+    @property
+    def trials(self) -> list[TrialResult]:
+        """Ray Train results of the trials that ran to the end in this submission."""
+        return [o.result for o in self.outcomes if o.result is not None]
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [o for o in self.outcomes if o.status in ("failed", "stopped")]
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:
-    """Run every trial of the job on Ray Train, tracked in MLflow (rank 0 / this driver only)."""
+    """Run every trial of the job (one directly on Ray Train; a sweep's on Ray Tune), tracked in MLflow
+    from this driver and rank 0 only. A trial that fails ends only itself: the result lists every
+    trial's outcome, and `result.failed` is what the caller turns into exit code 1."""
     if spec.model.source in UNSUPPORTED_SOURCES:  # before Ray starts: no cluster time spent
         raise UnsupportedSpecError(UNSUPPORTED_SOURCES[spec.model.source])
     # Ray, torch and MLflow load only now: a spec refused above costs neither cluster time nor imports.
     from stars.ray_backend.cluster import ensure_ray
     from stars.ray_backend.evaluation import EvaluationService
-    from stars.ray_backend.training import run_name_for, run_trial
+    from stars.ray_backend.sweep import TrialFailed, TrialOutcome, TrialRunner, run_sweep
     from stars.tracking import Tracker
 
     start = time.perf_counter()
@@ -50,27 +61,20 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     if tracker:
         console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")
     result = JobResult(job_run, spec.tracking.uri if tracker else None)
-    # Evaluation actors live for the whole job, apart from the training workers.
+    # Evaluation actors live for the whole job, apart from the training workers, shared by its trials.
     evaluation = EvaluationService(spec).start() if EvaluationService.wanted(spec) else None
+    runner = TrialRunner(job_run, evaluation)
+    trials = sweep_trials(spec)
     try:
-        trials = sweep_trials(spec)
-        for trial in trials:
-            if len(trials) > 1:
-                console(f"[stars] trial {trial.index + 1}/{len(trials)}: {trial.key}")
-            trial_run = tracker.start_trial(job_run, trial) if tracker else None
-            trial_key = trial.key if trial.assignments else None
-            run_dir = os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, trial_key))
-            validation = evaluation.validation_config(trial.spec, trial_run, run_dir) if evaluation else None
-            outcome = run_trial(trial.spec, run_id=trial_run, trial_key=trial_key, validation_config=validation)
-            if evaluation:  # fit() waited for the validations; score whatever is still missing
-                evaluation.finish_trial(trial.spec, trial_run, outcome.storage_dir, outcome.checkpoint_path)
-            result.trials.append(outcome)
-            if tracker:
-                tracker.set_tags(trial_run, {"stars.checkpoint": outcome.checkpoint_path or "",
-                                             "stars.ray_run": outcome.run_name})
-                if trial_run != job_run:
-                    tracker.end(trial_run)
-            console(f"[stars] {trial.key}: final checkpoint {outcome.checkpoint_path}")
+        if len(trials) == 1 and not trials[0].assignments:  # a plain job: no Tune in between
+            try:
+                outcome = runner.run(trials[0])
+                console(f"[stars] final checkpoint {outcome.result.checkpoint_path}")
+            except TrialFailed as exc:
+                outcome = TrialOutcome(trials[0].key, "failed", str(exc))
+            result.outcomes = [outcome]
+        else:
+            result.outcomes = run_sweep(spec, trials, runner, console=console)
     except BaseException:
         if tracker:
             tracker.end(job_run, "FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
@@ -79,7 +83,25 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
         if evaluation:
             evaluation.stop()
     if tracker:
-        tracker.end(job_run)
+        if len(result.outcomes) > 1:
+            from stars.ray_backend.sweep_report import log_sweep_report
+
+            log_sweep_report(tracker, job_run, spec, trials, result.outcomes)
+        tracker.end(job_run, "FAILED" if result.failed else "FINISHED")
     result.wall_seconds = time.perf_counter() - start
-    console(f"[stars] job {spec.name!r} done in {result.wall_seconds:.0f} s")
+    for line in outcome_lines(result, spec.name):
+        console(line)
     return result
+
+
+def outcome_lines(result: JobResult, name: str) -> list[str]:
+    """The end-of-job summary: one line per trial that did not simply finish, and the counts."""
+    counts: dict[str, int] = {}
+    lines = []
+    for o in result.outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+        if o.status in ("failed", "stopped"):
+            lines.append(f"[stars]   {o.key}: {o.status}: {o.reason}")
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    head = f"[stars] job {name!r} done in {result.wall_seconds:.0f} s: {summary}"
+    return [head, *lines]

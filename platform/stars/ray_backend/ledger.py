@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,18 @@ class EvalLedger:
     def put_files(self, step: int, files: Iterable[Path]) -> None:
         for f in files:
             self._write(self._path(step, f.name), f.read_bytes())
+
+    def latest_summary(self, tasks: Sequence[str]) -> dict[str, float]:
+        """The summary metrics (`<task>/peak_acc`, ...) of the latest checkpoint with every task of
+        `tasks` scored, or {} when none is. What a sweep's workers report to Tune for early stopping."""
+        steps = set.intersection(*(set(self.done_steps(t)) for t in tasks)) if tasks else set()
+        if not steps:
+            return {}
+        step = max(steps)
+        out: dict[str, float] = {"eval/step": float(step)}
+        for task in tasks:
+            out.update((self.done(step, task) or {}).get("summary", {}))
+        return out
 
     def done_steps(self, task: str) -> list[int]:
         """Steps whose `task` is scored."""

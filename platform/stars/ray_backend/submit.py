@@ -11,14 +11,14 @@ from stars.spec import JobSpec, is_secret_key, resolved_yaml, spec_hash
 SPEC_FILE = "job.yaml"
 
 
-def submit(spec: JobSpec, *, spec_path: str | Path | None = None, address: str | None = None) -> str | None:
-    """No address: run here and now (embedded Ray, local MLflow store). With an address: submit
-    `python -m stars.run job.yaml` to that cluster and return how to follow it."""
+def submit(spec: JobSpec, *, spec_path: str | Path | None = None, address: str | None = None) -> int | str:
+    """No address: run here and now (embedded Ray, local MLflow store) and return the exit code (1 when
+    a trial failed). With an address: submit `python -m stars.run job.yaml` to that cluster and return
+    how to follow it."""
     if address is None:
         from stars.ray_backend.job import run_job
 
-        run_job(spec)
-        return None
+        return 1 if run_job(spec).failed else 0
     return submit_to_cluster(spec, address)
 
 

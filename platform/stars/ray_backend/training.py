@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from stars.checkpoint import step_dir_name
+from stars.ray_backend.ledger import EvalLedger
 from stars.spec import JobSpec, LoopLMModel, spec_hash
 from stars.train import TrainHooks, WorkerContext, train_loop
 
@@ -36,6 +38,9 @@ class WorkerConfig:
     artifact_root: str | None
     validate: bool
     """Report checkpoints with `validation=True` (the job scores every checkpoint)."""
+    run_dir: str | None = None
+    """The run's directory on storage: rank 0 adds the latest scored checkpoint's eval summaries
+    (`EvalLedger.latest_summary`) to each report, so Tune's schedulers can act on them."""
 
 
 @dataclass
@@ -89,8 +94,12 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
         history = tracker.metric_history(run_id, "train/loss") if tracker else []
         return max((s for s, _ in history), default=0)
 
+    eval_tasks = list(spec.eval.tasks or []) if config.validate and config.run_dir and rank == 0 else []
+
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         name = step_dir_name(metrics["step"])
+        if eval_tasks:  # scored beside training: these trail the checkpoint being reported by one or more
+            metrics = {**EvalLedger(config.run_dir).latest_summary(eval_tasks), **metrics}
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                          validation=config.validate and checkpoint is not None)
@@ -128,8 +137,10 @@ def run_trial(
     run_id: str | None = None,
     trial_key: str | None = None,
     validation_config: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrialResult:
-    """Train one spec on Ray Train and wait for it. The spec must be resolved (absolute paths)."""
+    """Train one spec on Ray Train and wait for it. The spec must be resolved (absolute paths).
+    `callbacks`: Ray Train callbacks (a sweep passes Tune's `TuneReportCallback`)."""
     name = run_name_for(spec, trial_key)
     config = WorkerConfig(
         spec=spec.model_dump(mode="json"),
@@ -137,6 +148,7 @@ def run_trial(
         tracking_uri=spec.tracking.uri,
         artifact_root=spec.tracking.artifact_location,
         validate=validation_config is not None,
+        run_dir=os.path.join(spec.resources.storage_path, name),
     )
     trainer = TorchTrainer(
         train_worker,
@@ -149,6 +161,7 @@ def run_trial(
             failure_config=FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             worker_runtime_env={"env_vars": dict(spec.resources.env_vars)} if spec.resources.env_vars else None,
+            callbacks=list(callbacks) or None,
         ),
         validation_config=validation_config,
     )

@@ -1,0 +1,249 @@
+"""Running a job's trials: one trial directly on Ray Train, a sweep's trials on Ray Tune.
+
+A sweep is a `ray.tune.Tuner` over a function trainable: each Tune trial runs `TrialRunner.run`, which
+drives that trial's own `TorchTrainer` (Ray's documented Train-inside-Tune pattern for Train V2) with
+`TuneReportCallback`, so whatever the workers report reaches Tune (and its scheduler). The trials are
+the spec's own expansion (`stars.spec.sweep_trials`): every trial was validated as a full spec before
+anything started, so Tune gets only the trial index to run, never a search space of its own.
+
+- Concurrency: `sweep.max_concurrent_trials`, by default as many trials as the cluster's CPUs (GPUs)
+  hold once the job's evaluators have theirs (`default_concurrency`).
+- Evaluation: the job's Evaluator pool is shared by all trials. Each trial starts its checkpoints'
+  tasks at actor `trial index % eval.workers`, so with `eval.workers >= ` the concurrency, concurrent
+  trials score on different actors; with fewer, their checkpoints queue (a warning says so).
+- Failure isolation: a trial whose loss stops being finite ends with "diverged at step N"; any other
+  exception ends that trial only. Its MLflow run ends FAILED with the reason in the tag
+  `stars.failure`; the other trials go on (Tune's `fail_fast` is off).
+- Early stopping (`sweep.early_stop`): Tune's ASHA scheduler on a metric the trials report. Workers
+  report at every checkpoint: `step`, `train/loss`, `train/depth`, and the eval summaries of the
+  latest scored checkpoint (`<task>/peak_acc`, `<task>/acc_at_16`, ...), which trail by one
+  checkpoint since scoring runs beside training. A stopped trial's MLflow run ends KILLED with
+  `stars.failure` "stopped early by ASHA ...".
+- Resume: a trial that finished writes `stars_trial_done.json` into its run directory; submitting the
+  job again runs only trials without it, each from its last checkpoint (same run directory, same MLflow
+  run through its `stars.run_key`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+
+from stars.ray_backend.evaluation import EvaluationService
+from stars.ray_backend.training import TrialResult, run_name_for, run_trial
+from stars.spec import JobSpec, Trial
+from stars.tracking import Tracker
+
+TRIAL_DONE = "stars_trial_done.json"
+TAG_FAILURE = "stars.failure"
+
+Status = Literal["finished", "failed", "stopped", "skipped"]
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended without finishing; its message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    key: str
+    status: Status
+    """finished; failed (diverged or raised); stopped (early stopping); skipped (finished by an
+    earlier submission of the same job)."""
+    reason: str | None = None
+    run_id: str | None = None
+    run_dir: str | None = None
+    result: TrialResult | None = None
+    seconds: float = 0.0
+
+
+def trial_run_dir(trial: Trial) -> str:
+    """The trial's Ray Train run directory (`run_name_for`) under its storage path."""
+    key = trial.key if trial.assignments else None
+    return os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, key))
+
+
+def storage_fs(path: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+
+
+def is_done(trial: Trial) -> bool:
+    fs, root = storage_fs(trial_run_dir(trial))
+    return fs.get_file_info(f"{root}/{TRIAL_DONE}").type == pafs.FileType.File
+
+
+def _mark_done(run_dir: str, record: dict[str, Any]) -> None:
+    fs, root = storage_fs(run_dir)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{TRIAL_DONE}") as f:
+        f.write(json.dumps(record, indent=1).encode())
+
+
+def _console(line: str) -> None:
+    print(line, file=sys.__stdout__, flush=True)
+
+
+@dataclass(frozen=True)
+class TrialRunner:
+    """Everything one trial needs; picklable, because Tune ships it to each trial's actor."""
+
+    job_run_id: str | None
+    evaluation: EvaluationService | None
+
+    def run(self, trial: Trial, callbacks: Sequence[Any] = ()) -> TrialOutcome:
+        """Train and score one trial. Raises `TrialFailed` (after ending its MLflow run FAILED with
+        the reason) when it diverged or raised."""
+        spec, start = trial.spec, time.perf_counter()
+        tracker = Tracker.from_spec(spec) if self.job_run_id else None
+        run_id = tracker.start_trial(self.job_run_id, trial) if tracker else None
+        run_dir = trial_run_dir(trial)
+        key = trial.key if trial.assignments else None
+        ev = self.evaluation
+        try:
+            validation = ev.validation_config(spec, run_id, run_dir, trial.index) if ev else None
+            result = run_trial(spec, run_id=run_id, trial_key=key, validation_config=validation, callbacks=callbacks)
+            if ev:  # fit() waited for the validations; score whatever is still missing
+                ev.finish_trial(spec, run_id, result.storage_dir, result.checkpoint_path, trial.index)
+        except Exception as exc:  # noqa: BLE001 - every failure ends this trial only, with its reason
+            reason = failure_reason(exc)
+            if tracker and run_id:
+                tracker.set_tags(run_id, {TAG_FAILURE: reason})
+                if run_id != self.job_run_id:
+                    tracker.end(run_id, "FAILED")
+            raise TrialFailed(reason) from exc
+        _mark_done(run_dir, {"trial": trial.key, "checkpoint": result.checkpoint_path, "run_id": run_id,
+                             "finished": time.time()})
+        if tracker and run_id:
+            tracker.set_tags(run_id, {"stars.checkpoint": result.checkpoint_path or "", "stars.ray_run": result.run_name})
+            if run_id != self.job_run_id:
+                tracker.end(run_id)
+        return TrialOutcome(trial.key, "finished", None, run_id, run_dir, result, time.perf_counter() - start)
+
+
+_DIVERGED = re.compile(r"diverged at step \d+: loss \S+")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The line that says what went wrong, from our own error or the innermost cause Ray wrapped (a
+    worker's exception reaches the driver as text inside `WorkerGroupError`/`RayTaskError`)."""
+    diverged = _DIVERGED.search(str(exc))
+    if diverged:  # stars.train.TrainingDiverged, raised on a worker
+        return diverged.group(0)
+    while True:
+        if isinstance(exc, TrialFailed):
+            return str(exc)
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith(("File ", "["))), None)
+    return f"{type(exc).__name__}: {last or (lines[0] if lines else '')}"[:500]
+
+
+def default_concurrency(spec: JobSpec, n_trials: int) -> int:
+    """Trials at once when the spec does not say: as many as the cluster's CPUs (and GPUs) hold for
+    each trial's training workers once the job's evaluators have theirs; at least 1."""
+    total = ray.cluster_resources()
+    res, ev = spec.resources, spec.eval
+    evaluators = ev.workers if ev.tasks else 0
+    fits = []
+    for kind, per_trial, eval_need in (
+        ("CPU", res.num_workers * res.cpus_per_worker, evaluators * ev.resources.cpus),
+        ("GPU", res.num_workers * (res.gpus_per_worker or 0.0), evaluators * ev.resources.gpus),
+    ):
+        if per_trial > 0:
+            fits.append(math.floor((total.get(kind, 0.0) - eval_need + 1e-9) / per_trial))
+    return max(1, min([n_trials, *fits]))
+
+
+def run_sweep(
+    spec: JobSpec,
+    trials: Sequence[Trial],
+    runner: TrialRunner,
+    *,
+    console: Callable[[str], None] = print,
+) -> list[TrialOutcome]:
+    """Run `trials` (a sweep's, already expanded and validated) on Ray Tune; one outcome per trial
+    in trial order. Trials finished by an earlier submission are skipped."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    outcomes: dict[int, TrialOutcome] = {}
+    for t in trials:
+        if is_done(t):
+            outcomes[t.index] = TrialOutcome(t.key, "skipped", "finished by an earlier submission",
+                                             run_dir=trial_run_dir(t))
+    todo = [t for t in trials if t.index not in outcomes]
+    if outcomes:
+        console(f"[stars] {len(outcomes)} of {len(trials)} trials finished earlier; running the other {len(todo)}")
+    if not todo:
+        return [outcomes[t.index] for t in trials]
+    by_index = {t.index: t for t in todo}
+    concurrency = spec.sweep.max_concurrent_trials or default_concurrency(spec, len(todo))
+    if spec.eval.tasks and spec.eval.workers < concurrency:
+        console(f"[stars] note: {concurrency} trials at once share {spec.eval.workers} evaluator(s); their "
+                "checkpoints queue for scoring (raise eval.workers to score them side by side)")
+    console(f"[stars] sweep: {len(todo)} trials on Ray Tune, up to {concurrency} at once")
+
+    def trainable(config: dict[str, Any]) -> dict[str, Any]:
+        trial = by_index[config["trial"]]
+        _console(f"[stars] trial {trial.key} started")
+        outcome = runner.run(trial, callbacks=[TuneReportCallback()])
+        _console(f"[stars] trial {trial.key} finished in {outcome.seconds:.0f} s")
+        return {"stars/finished": 1}
+
+    stop = spec.sweep.early_stop
+    first_spec = todo[0].spec
+    scheduler = None
+    if stop is not None:
+        # One Tune iteration per report; workers report at every checkpoint (and the final step).
+        reports = math.ceil(first_spec.train.max_steps / (first_spec.train.checkpoint_every or first_spec.train.max_steps)) \
+            if first_spec.train.max_steps else 10_000
+        scheduler = tune.schedulers.ASHAScheduler(
+            metric=stop.metric, mode=stop.mode, grace_period=stop.grace_period,
+            reduction_factor=stop.reduction_factor, time_attr="training_iteration", max_t=max(reports, stop.grace_period),
+        )
+    first = todo[0].spec
+    tuner = tune.Tuner(
+        # The trainable only drives its TorchTrainer (whose workers hold the real resources): a token
+        # CPU share keeps Tune from counting it against the training workers.
+        tune.with_resources(trainable, {"cpu": 0.001}),
+        param_space={"trial": tune.grid_search([t.index for t in todo])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency, scheduler=scheduler,
+            trial_name_creator=lambda tr: by_index[tr.config["trial"]].key,
+            trial_dirname_creator=lambda tr: by_index[tr.config["trial"]].key,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{run_name_for(first)}-tune", storage_path=first.resources.storage_path, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    grid = tuner.fit()
+    tracker = Tracker.from_spec(spec) if runner.job_run_id else None
+    for result in grid:
+        trial = by_index[result.config["trial"]]
+        if result.error is not None:
+            outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error),
+                                                 run_dir=trial_run_dir(trial))
+        elif (result.metrics or {}).get("stars/finished"):
+            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
+        else:
+            reason = f"stopped early by ASHA on {stop.metric}" if stop else "stopped by Ray Tune"
+            outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason, run_dir=trial_run_dir(trial))
+            if tracker:
+                run_id = tracker.start_trial(runner.job_run_id, trial)
+                tracker.set_tags(run_id, {TAG_FAILURE: reason})
+                tracker.end(run_id, "KILLED")
+    return [outcomes[t.index] for t in trials]

@@ -1,0 +1,77 @@
+"""Sweeps on a real local Ray Tune: concurrency, one MLflow child run per trial with its depth curves,
+the sweep's table on the parent run, resume of unfinished trials only, and failure isolation."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from stars.ray_backend.job import run_job
+from stars.ray_backend.sweep import TRIAL_DONE
+from stars.spec import apply_overrides
+
+pytestmark = pytest.mark.ray
+QUIET = {"console": lambda line: None}
+
+
+def _children(client: MlflowClient, job_run_id: str) -> list:
+    run = client.get_run(job_run_id)
+    return client.search_runs([run.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{job_run_id}' and tags.`stars.kind` = 'trial'")
+
+
+def test_four_trials_two_at_a_time_then_resume_only_the_unfinished(ray_cluster, tiny_spec, tmp_path):
+    spec = tiny_spec(**{
+        "train.max_steps": 6, "train.checkpoint_every": 6, "train.warmup_steps": 1,
+        "sweep.grid": {"model.norm.type": ["layernorm", "rmsnorm"], "stars.jsrr.weight": [0.0, 0.1]},
+        "sweep.max_concurrent_trials": 2,
+    })
+    result = run_job(spec, **QUIET)
+    assert [o.status for o in result.outcomes] == ["finished"] * 4 and not result.failed
+    client = MlflowClient(spec.tracking.uri)
+    children = _children(client, result.job_run_id)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted(c.info.run_name for c in children) == sorted(f"tiny/{o.key}" for o in result.outcomes)
+    # Two trials ran at the same time: some pair of trial runs overlaps in time.
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
+    for child in children:  # each trial's checkpoint was scored: an eval run with a depth curve
+        (ev,) = client.search_runs([child.info.experiment_id],
+                                   filter_string=f"tags.`mlflow.parentRunId` = '{child.info.run_id}'")
+        assert [m.step for m in client.get_metric_history(ev.info.run_id, "addition/acc")] == [1, 2, 3, 4]
+    # The parent run holds the sweep's table (4 trials x depths) and per-trial summaries.
+    table = client.download_artifacts(result.job_run_id, "sweep/depth_curves.csv", str(tmp_path))
+    rows = open(table).read().splitlines()
+    assert rows[0].startswith("trial,status,task,step,1,2,3,4,peak_acc") and len(rows) == 5
+    assert "trials/t003/addition/peak_acc" in client.get_run(result.job_run_id).data.metrics
+
+    # Two trials "interrupted" (their done markers gone) and the job submitted again with an eval-only
+    # change (same run directories): only those two run again, from their checkpoints, into the same
+    # MLflow runs; the finished ones are skipped.
+    for outcome in result.outcomes[2:]:
+        (tmp_path / outcome.run_dir / TRIAL_DONE).unlink()
+    resumed = run_job(apply_overrides(spec, {"eval.limit": 16}), **QUIET)
+    assert [o.status for o in resumed.outcomes] == ["skipped", "skipped", "finished", "finished"]
+    assert [o.run_dir for o in resumed.outcomes] == [o.run_dir for o in result.outcomes]
+    assert resumed.job_run_id == result.job_run_id
+    assert len(_children(client, result.job_run_id)) == 4
+
+
+def test_a_diverging_trial_fails_alone_with_its_reason(ray_cluster, tiny_spec):
+    spec = tiny_spec(**{
+        "train.max_steps": 6, "train.checkpoint_every": 6, "train.warmup_steps": 0, "train.lr": 10.0,
+        "train.grad_clip": None, "train.schedule": "constant", "stars.jsrr.weight": 0.0,
+        "model.norm.position": "pre", "eval.tasks": [],
+        "sweep.grid": {"model.dtype": ["float32", "float16"]},  # fp16 weights at lr 10 overflow to NaN
+    })
+    result = run_job(spec, **QUIET)
+    statuses = {o.key: (o.status, o.reason) for o in result.outcomes}
+    assert statuses["t000-dtype=float32"] == ("finished", None)
+    status, reason = statuses["t001-dtype=float16"]
+    assert status == "failed" and reason.startswith("diverged at step ")
+    client = MlflowClient(spec.tracking.uri)
+    runs = {c.data.tags["stars.trial"]: c for c in _children(client, result.job_run_id)}
+    assert runs["t001-dtype=float16"].info.status == "FAILED"
+    assert runs["t001-dtype=float16"].data.tags["stars.failure"] == reason
+    assert runs["t000-dtype=float32"].info.status == "FINISHED"
+    assert client.get_run(result.job_run_id).info.status == "FAILED"
