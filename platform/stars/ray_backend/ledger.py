@@ -23,7 +23,7 @@ from stars.checkpoint import TASK_FILE, step_dir_name, step_of
 RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
+def storage_filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) of a local directory or storage URI."""
     if "://" not in run_dir:
         run_dir = os.path.abspath(os.path.expanduser(run_dir))
@@ -42,7 +42,7 @@ class EvalLedger:
     """
 
     def __init__(self, run_dir: str) -> None:
-        self.fs, self.root = _filesystem(run_dir)
+        self.fs, self.root = storage_filesystem(run_dir)
         self.run_dir = run_dir
 
     def dir_of(self, step: int) -> str:
@@ -120,7 +120,7 @@ def committed_checkpoints(run_dir: str) -> list[str]:
     none of those; the latest checkpoint is always among them. Ray rewrites the snapshot before it
     deletes anything, so a listed checkpoint is on storage. A run directory without a snapshot (not
     written by Ray Train) falls back to the `step_*` directories holding a complete checkpoint."""
-    fs, root = _filesystem(run_dir)
+    fs, root = storage_filesystem(run_dir)
     if fs.get_file_info(f"{root}/{RAY_RUN_SNAPSHOT}").type == pafs.FileType.File:
         result = ray.train.Result.from_path(root, storage_filesystem=fs)
         kept = [checkpoint for checkpoint, _ in result.best_checkpoints or []]

@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import ray
 
 from stars.ray_backend.evaluation import EvaluationService
+from stars.ray_backend.ledger import storage_filesystem
 from stars.ray_backend.training import TrialResult, run_name_for, run_trial
 from stars.spec import JobSpec, Trial
 from stars.tracking import Tracker
@@ -73,17 +74,13 @@ def trial_run_dir(trial: Trial) -> str:
     return os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, key))
 
 
-def storage_fs(path: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-
-
 def is_done(trial: Trial) -> bool:
-    fs, root = storage_fs(trial_run_dir(trial))
+    fs, root = storage_filesystem(trial_run_dir(trial))
     return fs.get_file_info(f"{root}/{TRIAL_DONE}").type == pafs.FileType.File
 
 
 def _mark_done(run_dir: str, record: dict[str, Any]) -> None:
-    fs, root = storage_fs(run_dir)
+    fs, root = storage_filesystem(run_dir)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{TRIAL_DONE}") as f:
         f.write(json.dumps(record, indent=1).encode())

@@ -23,8 +23,8 @@ import pyarrow.fs as pafs
 
 from stars.checkpoint import step_of
 from stars.evaluation import plot_depth_curves
-from stars.ray_backend.ledger import EvalLedger
-from stars.ray_backend.sweep import TRIAL_DONE, TrialOutcome, storage_fs
+from stars.ray_backend.ledger import EvalLedger, storage_filesystem
+from stars.ray_backend.sweep import TRIAL_DONE, TrialOutcome
 from stars.spec import JobSpec, Trial
 from stars.tracking import Tracker
 
@@ -57,7 +57,7 @@ def final_curves(spec: JobSpec, trials: Sequence[Trial], outcomes: Sequence[Tria
 def _final_step(run_dir: str | None) -> int | None:
     if run_dir is None:
         return None
-    fs, root = storage_fs(run_dir)
+    fs, root = storage_filesystem(run_dir)
     path = f"{root}/{TRIAL_DONE}"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
