@@ -14,7 +14,9 @@ Targets: tune_2 / tune_1 <= 0.65 (two trials share the 2 cores); (tune_1 - direc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +69,8 @@ def main() -> None:
         times["direct_s"] = time.perf_counter() - start
         for concurrency in (1, 2):
             start = time.perf_counter()
-            result = run_job(spec(args.steps, args.trials, concurrency, base / f"tune{concurrency}"), **quiet)
+            with contextlib.redirect_stdout(sys.stderr):  # Ray Tune prints a table: keep stdout JSON only
+                result = run_job(spec(args.steps, args.trials, concurrency, base / f"tune{concurrency}"), **quiet)
             times[f"tune_{concurrency}_s"] = time.perf_counter() - start
             assert [o.status for o in result.outcomes] == ["finished"] * args.trials, result.outcomes
     ray.shutdown()

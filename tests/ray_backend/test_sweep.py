@@ -75,3 +75,18 @@ def test_a_diverging_trial_fails_alone_with_its_reason(ray_cluster, tiny_spec):
     assert runs["t001-dtype=float16"].data.tags["stars.failure"] == reason
     assert runs["t000-dtype=float32"].info.status == "FINISHED"
     assert client.get_run(result.job_run_id).info.status == "FAILED"
+
+
+def test_failure_reasons_read_through_rays_wrappers():
+    """What a user sees for a failed trial: the divergence line, or the innermost error's last line."""
+    from stars.ray_backend.sweep import TrialFailed, failure_reason
+    from stars.train import TrainingDiverged
+
+    wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n  File 'x.py', line 3\n"
+                           f"stars.train.TrainingDiverged: {TrainingDiverged(7, float('nan'))}")
+    assert failure_reason(wrapped) == "diverged at step 7: loss nan"
+    assert failure_reason(TrialFailed("diverged at step 3: loss inf")) == "diverged at step 3: loss inf"
+    inner = ValueError("bad value: 3")
+    outer = RuntimeError("wrapper")
+    outer.__cause__ = inner
+    assert failure_reason(outer) == "ValueError: bad value: 3"

@@ -38,7 +38,8 @@ class JobResult:
 
     @property
     def failed(self) -> list[TrialOutcome]:
-        return [o for o in self.outcomes if o.status in ("failed", "stopped")]
+        """Trials that diverged or raised (a trial stopped early by the scheduler did what was asked)."""
+        return [o for o in self.outcomes if o.status == "failed"]
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobResult:

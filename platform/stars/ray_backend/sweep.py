@@ -219,6 +219,7 @@ def run_sweep(
         param_space={"trial": tune.grid_search([t.index for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler,
+            reuse_actors=True,  # one trainable process per concurrent slot: no torch import per trial
             trial_name_creator=lambda tr: by_index[tr.config["trial"]].key,
             trial_dirname_creator=lambda tr: by_index[tr.config["trial"]].key,
         ),
