@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from stars.model.config import NORM_POSITIONS, NORM_TYPES, LoopLMConfig
 from stars.model.looplm import DepthReadout, LoopCache, LoopLM, LoopRun, causal_lm_loss
 from stars.model.norms import jacobian_safe
+from stars.model.ouro import OuroCheckpointError, load_ouro, ouro_config_to_looplm, ouro_key_map
 
 AutoConfig.register(LoopLMConfig.model_type, LoopLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopLMConfig, LoopLM, exist_ok=True)
@@ -17,6 +18,10 @@ __all__ = [
     "LoopLM",
     "LoopLMConfig",
     "LoopRun",
+    "OuroCheckpointError",
     "causal_lm_loss",
     "jacobian_safe",
+    "load_ouro",
+    "ouro_config_to_looplm",
+    "ouro_key_map",
 ]
