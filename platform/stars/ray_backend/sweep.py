@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -41,7 +40,7 @@ import ray
 
 from stars.ray_backend.evaluation import EvaluationService
 from stars.ray_backend.ledger import storage_filesystem
-from stars.ray_backend.training import TrialResult, run_name_for, run_trial
+from stars.ray_backend.training import TrialResult, run_dir_for, run_name_for, run_trial
 from stars.spec import JobSpec, Trial
 from stars.tracking import Tracker
 
@@ -68,10 +67,14 @@ class TrialOutcome:
     seconds: float = 0.0
 
 
+def _dir_key(trial: Trial) -> str | None:
+    """The key in a trial's run name: none for the single trial of a job without a sweep."""
+    return trial.key if trial.assignments else None
+
+
 def trial_run_dir(trial: Trial) -> str:
-    """The trial's Ray Train run directory (`run_name_for`) under its storage path."""
-    key = trial.key if trial.assignments else None
-    return os.path.join(trial.spec.resources.storage_path, run_name_for(trial.spec, key))
+    """The trial's Ray Train run directory under its storage path."""
+    return run_dir_for(trial.spec, _dir_key(trial))
 
 
 def is_done(trial: Trial) -> bool:
@@ -104,11 +107,11 @@ class TrialRunner:
         tracker = Tracker.from_spec(spec) if self.job_run_id else None
         run_id = tracker.start_trial(self.job_run_id, trial) if tracker else None
         run_dir = trial_run_dir(trial)
-        key = trial.key if trial.assignments else None
         ev = self.evaluation
         try:
             validation = ev.validation_config(spec, run_id, run_dir, trial.index) if ev else None
-            result = run_trial(spec, run_id=run_id, trial_key=key, validation_config=validation, callbacks=callbacks)
+            result = run_trial(spec, run_id=run_id, trial_key=_dir_key(trial), validation_config=validation,
+                               callbacks=callbacks)
             if ev:  # fit() waited for the validations; score whatever is still missing
                 ev.finish_trial(spec, run_id, result.storage_dir, result.checkpoint_path, trial.index)
         except Exception as exc:  # noqa: BLE001 - every failure ends this trial only, with its reason
@@ -164,6 +167,13 @@ def default_concurrency(spec: JobSpec, n_trials: int) -> int:
     return max(1, min([n_trials, *fits]))
 
 
+def _reports(spec: JobSpec) -> int:
+    """How many times a trial's workers report: at every checkpoint and at the final step."""
+    if spec.train.max_steps is None:
+        return 10_000  # epochs: the step count depends on the data; no practical horizon
+    return math.ceil(spec.train.max_steps / (spec.train.checkpoint_every or spec.train.max_steps))
+
+
 def run_sweep(
     spec: JobSpec,
     trials: Sequence[Trial],
@@ -201,15 +211,12 @@ def run_sweep(
         return {"stars/finished": 1}
 
     stop = spec.sweep.early_stop
-    first_spec = todo[0].spec
     scheduler = None
-    if stop is not None:
-        # One Tune iteration per report; workers report at every checkpoint (and the final step).
-        reports = math.ceil(first_spec.train.max_steps / (first_spec.train.checkpoint_every or first_spec.train.max_steps)) \
-            if first_spec.train.max_steps else 10_000
+    if stop is not None:  # one Tune iteration per report: ASHA's horizon is the longest trial's reports
         scheduler = tune.schedulers.ASHAScheduler(
             metric=stop.metric, mode=stop.mode, grace_period=stop.grace_period,
-            reduction_factor=stop.reduction_factor, time_attr="training_iteration", max_t=max(reports, stop.grace_period),
+            reduction_factor=stop.reduction_factor, time_attr="training_iteration",
+            max_t=max(stop.grace_period, *(_reports(t.spec) for t in todo)),
         )
     first = todo[0].spec
     tuner = tune.Tuner(

@@ -61,6 +61,11 @@ def run_name_for(spec: JobSpec, trial_key: str | None = None) -> str:
     return "-".join(p for p in parts if p)
 
 
+def run_dir_for(spec: JobSpec, trial_key: str | None = None) -> str:
+    """The run's directory: `<resources.storage_path>/<run_name_for(...)>` (local path or URI)."""
+    return os.path.join(spec.resources.storage_path, run_name_for(spec, trial_key))
+
+
 def scaling_config(spec: JobSpec) -> ScalingConfig:
     res = spec.resources
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker, **res.resources_per_worker}
@@ -148,7 +153,7 @@ def run_trial(
         tracking_uri=spec.tracking.uri,
         artifact_root=spec.tracking.artifact_location,
         validate=validation_config is not None,
-        run_dir=os.path.join(spec.resources.storage_path, name),
+        run_dir=run_dir_for(spec, trial_key),
     )
     trainer = TorchTrainer(
         train_worker,
@@ -169,7 +174,7 @@ def run_trial(
     ckpt = result.checkpoint
     return TrialResult(
         run_name=name,
-        storage_dir=os.path.join(spec.resources.storage_path, name),
+        storage_dir=config.run_dir,
         checkpoint_path=ckpt.path if ckpt is not None else None,
         metrics=dict(result.metrics or {}),
     )
