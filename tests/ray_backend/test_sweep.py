@@ -3,6 +3,8 @@ the sweep's table on the parent run, resume of unfinished trials only, and failu
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 from mlflow import MlflowClient
 
@@ -43,6 +45,8 @@ def test_four_trials_two_at_a_time_then_resume_only_the_unfinished(ray_cluster, 
     table = client.download_artifacts(result.job_run_id, "sweep/depth_curves.csv", str(tmp_path))
     rows = open(table).read().splitlines()
     assert rows[0].startswith("trial,status,task,step,1,2,3,4,peak_acc") and len(rows) == 5
+    with open(table, newline="") as f:  # keys hold commas: the cells are quoted
+        assert [r["trial"] for r in csv.DictReader(f)] == [o.key for o in result.outcomes]
     assert "trials/t003/addition/peak_acc" in client.get_run(result.job_run_id).data.metrics
 
     # Two trials "interrupted" (their done markers gone) and the job submitted again with an eval-only
@@ -90,3 +94,11 @@ def test_failure_reasons_read_through_rays_wrappers():
     outer = RuntimeError("wrapper")
     outer.__cause__ = inner
     assert failure_reason(outer) == "ValueError: bad value: 3"
+
+
+def test_the_sweep_table_quotes_trial_keys_with_commas():
+    from stars.ray_backend.sweep_report import _csv
+
+    rows = [{"trial": "t003-type=rmsnorm,weight=0.1", "status": "finished", "1": None, "2": 0.5}]
+    parsed = list(csv.DictReader(_csv(rows).splitlines()))
+    assert parsed == [{"trial": "t003-type=rmsnorm,weight=0.1", "status": "finished", "1": "", "2": "0.5"}]

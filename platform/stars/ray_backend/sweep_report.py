@@ -13,6 +13,8 @@ MLflow holds for each scored checkpoint, at each trial's final checkpoint (`star
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 from collections.abc import Sequence
@@ -78,13 +80,14 @@ def depth_table_rows(curves: Sequence[FinalCurve]) -> list[dict[str, object]]:
 
 
 def _csv(rows: Sequence[dict[str, object]]) -> str:
+    """RFC 4180 CSV: trial keys hold commas (`t003-type=rmsnorm,weight=0.1`), so cells are quoted."""
     if not rows:
         return ""
-    cols = list(rows[0])
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join("" if r[c] is None else str(r[c]) for c in cols))
-    return "\n".join(lines) + "\n"
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def log_sweep_report(
