@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 from pathlib import Path
+from statistics import mean
 
 import pytest
 from typer.testing import CliRunner
 
 from stars.cli import app
-from stars.compare import CompareError, compare, format_table
+from stars.compare import MATH_BENCHMARKS, CompareError, compare, format_table, main_results
 from stars.evaluation import TaskEval, summary_metrics
 from stars.spec import JobSpec, resolve_spec, sweep_trials
 from stars.tracking import Tracker, log_task_eval
@@ -145,3 +149,180 @@ def test_log_task_eval_is_idempotent(store):
     assert len(tracker.metric_history(ev, "addition/acc")) == 16
     assert tracker.metric_history(ev, "dyn/rho") == [(4, 0.9)]
     assert [s for s, _ in tracker.metric_history(trial, "addition/peak_acc")] == [10, 20]
+
+
+# --- the paper's main-results table -------------------------------------------------------------
+# Three jobs (no sweep: each evaluates under its job run), every benchmark with its own level and a
+# slope over depth, so each table cell is a different logged value. The base model has no amc23.
+LEVEL = {"paper-base": (0.30, 0.005), "paper-sft": (0.55, 0.02), "paper-stars": (0.60, 0.001)}
+MATH_ACC = {
+    job: {b: {d: round(level + 0.05 * j - slope * d, 4) for d in DEPTHS}
+          for j, b in enumerate(MATH_BENCHMARKS) if not (job == "paper-base" and b == "amc23")}
+    for job, (level, slope) in LEVEL.items()
+}
+SFT_EARLY = {b: {d: 0.1 for d in DEPTHS} for b in MATH_BENCHMARKS}  # paper-sft at step 10
+
+
+@pytest.fixture(scope="module")
+def paper(store) -> dict:
+    """The three paper jobs in `store`, evaluated at step 30 (SFT also at 10); `paper-short` has
+    gsm8k at depths 1-4 only."""
+    tracker, root, uri = store["tracker"], store["root"], store["uri"]
+    jobs = {}
+    plan = {**{job: {30: accs} for job, accs in MATH_ACC.items()},
+            "paper-short": {30: {"gsm8k": {d: 0.5 for d in range(1, 5)}}}}
+    plan["paper-sft"] = {10: SFT_EARLY, **plan["paper-sft"]}
+    for job, evals in plan.items():
+        spec = resolve_spec(JobSpec.model_validate({
+            "name": job, "data": {"task": "addition"}, "train": {"max_steps": 30}, "tracking": {"uri": uri},
+        }), cwd=root)
+        job_run = tracker.start_job(spec, git=GIT)
+        trial_run = tracker.start_trial(job_run, sweep_trials(spec)[0])
+        for step, by_bench in evals.items():
+            ev = tracker.start_eval(trial_run, step)
+            for bench, acc in by_bench.items():
+                log_eval(tracker, ev, trial_run, step, task_eval(bench, acc))
+            tracker.end(ev)
+        jobs[job] = job_run
+    return {"uri": uri, "jobs": jobs}
+
+
+PAPER = ["paper-base", "paper-sft", "paper-stars"]
+
+
+def expected_row(job: str, depths: tuple[int, int] = (4, 8)) -> dict[str, float]:
+    """The table's numbers (%) computed here from what was logged."""
+    accs = MATH_ACC[job]
+    out = {f"{b.upper() if b != 'asdiv' else 'ASDiv'}@{d}": 100 * a[d] for b, a in accs.items() for d in depths}
+    avg = {d: mean(a[d] for a in accs.values()) for d in depths}
+    out.update({f"Avg@{d}": 100 * avg[d] for d in depths})
+    out[f"Drop {depths[0]}->{depths[1]} (%)"] = 100 * (avg[depths[0]] - avg[depths[1]]) / avg[depths[0]]
+    return out
+
+
+def assert_cells(header: list[str], cells: list[str], job: str, depths: tuple[int, int] = (4, 8)) -> None:
+    want = expected_row(job, depths)
+    got = dict(zip(header, cells))
+    for name, value in want.items():
+        assert float(got[name]) == pytest.approx(value, abs=0.005), (job, name)  # printed with 2 decimals
+    blank = {name for name, cell in got.items() if cell in ("-", "")} - {"missing"}
+    assert blank == ({f"AMC23@{d}" for d in depths} if job == "paper-base" else set())
+
+
+def test_main_results_numbers_come_from_the_logged_accuracies(paper):
+    table = main_results(PAPER, tracking_uri=paper["uri"])
+    assert [r.label for r in table.rows] == ["paper-base@30", "paper-sft@30", "paper-stars@30"]
+    assert table.depths == [4, 8] and table.benchmarks == list(MATH_BENCHMARKS)
+    base, sft, stars = table.rows
+    assert sft.acc == {b: {4: a[4], 8: a[8]} for b, a in MATH_ACC["paper-sft"].items()}
+    assert sft.average[8] == pytest.approx(mean(a[8] for a in MATH_ACC["paper-sft"].values()))
+    assert base.missing == ["amc23"] and sft.missing == stars.missing == []
+    assert base.average[4] == pytest.approx(mean(a[4] for a in MATH_ACC["paper-base"].values()))  # over 4
+    assert sft.drop > stars.drop > 0  # the SFT shape collapses faster than the STARS shape
+    header = table.header()
+    assert header[:3] == ["run", "GSM8K@4", "GSM8K@8"] and header[-3:] == ["Avg@4", "Avg@8", "Drop 4->8 (%)"]
+    assert "ASDiv@4" in header and len(header) == 1 + 2 * len(MATH_BENCHMARKS) + 2 + 1
+    lines = table.table().splitlines()
+    rows = [re.split(r" {2,}", line.strip()) for line in lines[1:4]]
+    assert rows[0] == header
+    for job, line in zip(PAPER[1:], rows[2:]):
+        assert_cells(header, line, job)
+    base_line = rows[1]
+    assert base_line[0] == "paper-base@30" and base_line[header.index("AMC23@4")] == "-"
+    assert_cells(header, base_line, "paper-base")
+    assert "note: paper-base@30: Avg over 4 of 5 benchmarks (no amc23)" in lines
+    assert not any("paper-sft" in line for line in lines if line.startswith("note"))
+
+
+def test_main_results_markdown_and_csv_parse_back_to_the_same_numbers(paper):
+    table = main_results(PAPER, [4, 16], labels=["Base", "SFT", "STARS"], tracking_uri=paper["uri"])
+    md = [line for line in table.markdown().splitlines() if line.startswith("|")]
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    assert head == table.header() and "Drop 4->16 (%)" in head
+    assert set(md[1].replace("|", "")) <= {"-", ":"}
+    for job, line in zip(PAPER, md[2:], strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == {"paper-base": "Base", "paper-sft": "SFT", "paper-stars": "STARS"}[job]
+        assert_cells(head, cells, job, (4, 16))
+    assert "Note: Base: Avg over 4 of 5 benchmarks (no amc23)." in table.markdown()
+    records = list(csv.DictReader(io.StringIO(table.csv())))
+    assert [r["run"] for r in records] == ["Base", "SFT", "STARS"]
+    for job, record in zip(PAPER, records):
+        assert_cells(list(record), list(record.values()), job, (4, 16))
+    assert records[0]["missing"] == "amc23" and records[1]["missing"] == ""
+    assert records[2]["eval_run_id"] == table.rows[2].run_id
+
+
+def test_main_results_step_and_references_by_run_id(paper):
+    sft_job = paper["jobs"]["paper-sft"]
+    early = main_results([sft_job], tracking_uri=paper["uri"], step=10)
+    assert early.rows[0].label == "paper-sft@10" and early.rows[0].average == {4: 0.1, 8: 0.1}
+    assert early.rows[0].drop == 0.0
+    assert main_results([sft_job], tracking_uri=paper["uri"]).rows[0].step == 30  # latest by default
+
+
+@pytest.mark.parametrize(
+    ("refs", "kwargs", "message"),
+    [
+        (["paper-sft", "nope"], {}, "no experiment, run id or run name 'nope'"),
+        (["cmp"], {}, r"has no math benchmark \(gsm8k, math500, asdiv, svamp, amc23\); tasks it has: addition"),
+        (["paper-short"], {}, r"gsm8k was not evaluated at depth 8; depths logged: \[1, 2, 3, 4\]"),
+        (["paper-sft"], {"depths": [8]}, "at least two depths"),
+        (["paper-sft", "paper-stars"], {"labels": ["SFT"]}, "2 references, 1 labels"),
+        (["cmp"], {"labels": ["sweep"]}, "'cmp' stands for 2 checkpoints: cmp/t00"),
+    ],
+)
+def test_main_results_user_errors(paper, refs, kwargs, message):
+    with pytest.raises(CompareError, match=message):
+        main_results(refs, tracking_uri=paper["uri"], **kwargs)
+
+
+def test_starsctl_compare_main_table_text_markdown_and_csv(paper, tmp_path):
+    out = tmp_path / "main.csv"
+    args = ["compare", "--table", "main", *PAPER, "--tracking-uri", paper["uri"]]
+    res = runner.invoke(app, [*args, "--csv", str(out), "--label", "Base", "--label", "SFT", "--label", "STARS"])
+    assert res.exit_code == 0, res.output
+    header = next(re.split(r" {2,}", line.strip()) for line in res.output.splitlines() if line.startswith("run"))
+    stars_line = next(re.split(r" {2,}", line.strip()) for line in res.output.splitlines() if line.startswith("STARS"))
+    assert_cells(header, stars_line, "paper-stars")
+    assert f"wrote {out}" in res.output and not list(tmp_path.glob("*.png"))  # no PNG for this table
+    records = list(csv.DictReader(out.open()))
+    assert [r["run"] for r in records] == ["Base", "SFT", "STARS"]
+    assert_cells(list(records[1]), list(records[1].values()), "paper-sft")
+    md = runner.invoke(app, [*args, "--markdown", "--depths", "4,16"])
+    assert md.exit_code == 0, md.output
+    rows = [line for line in md.output.splitlines() if line.startswith("|")]
+    assert "| Drop 4->16 (%) |" in rows[0] and len(rows) == 2 + 3
+    assert all(r.count("|") == rows[0].count("|") for r in rows)
+
+
+def test_starsctl_compare_depth_table_writes_csv(store, tmp_path):
+    out = tmp_path / "depth.csv"
+    res = runner.invoke(app, ["compare", "cmp", "--task", "addition", "--tracking-uri", store["uri"],
+                              "--out", str(tmp_path / "c.png"), "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    records = list(csv.DictReader(out.open()))
+    assert len(records) == 2 and {r["step"] for r in records} == {"20"}
+    by_peak = sorted(records, key=lambda r: float(r["peak_acc"]))  # STARS shape peaks at 0.8, SFT at 0.9
+    assert [float(by_peak[1][f"acc@{d}"]) for d in DEPTHS] == [CURVES[0][20][d] for d in DEPTHS]
+    assert float(by_peak[1]["drop@8"]) == pytest.approx(0.5) and by_peak[1]["best_depth"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["paper-sft", "no-such-run"], "no experiment, run id or run name 'no-such-run'"),
+        (["paper-sft", "--task", "gsm8k"], "--task: not an option of --table main"),
+        (["paper-sft", "--depths", "4"], "at least two depths"),
+        (["paper-sft", "--depths", "4,x"], "--depths: expected depths like"),
+    ],
+)
+def test_starsctl_compare_main_table_user_errors_exit_2(paper, args, message):
+    res = runner.invoke(app, ["compare", "--table", "main", *args, "--tracking-uri", paper["uri"]])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_starsctl_compare_depth_table_rejects_main_table_options(store):
+    res = runner.invoke(app, ["compare", "cmp", "--label", "x", "--tracking-uri", store["uri"]])
+    assert res.exit_code == 2 and "--label: not an option of --table depth" in res.output

@@ -11,6 +11,7 @@ traceback); 1 anything else that failed.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -254,6 +255,13 @@ def eval_checkpoint(
         typer.echo(f"wrote {out}/")
 
 
+class CompareTable(str, Enum):
+    """What `starsctl compare` prints (`--table`)."""
+
+    depth = "depth"  # one task's depth curves, with the overlay PNG
+    main = "main"  # the paper's main-results table over the math benchmarks
+
+
 @app.command()
 def compare(
     refs: Annotated[
@@ -272,18 +280,45 @@ def compare(
     step: Annotated[int | None, typer.Option(help="Compare the checkpoints at this training step.")] = None,
     all_steps: Annotated[bool, typer.Option("--all-steps", help="Every evaluated checkpoint, not the latest.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (for docs).")] = False,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the table as CSV to this file (either --table).")
+    ] = None,
+    table: Annotated[
+        CompareTable, typer.Option(help="depth: one task's depth curves and the PNG; main: the paper's main "
+                                   "results (math benchmarks at --depths, their average, its relative drop).")
+    ] = CompareTable.depth,
+    depths: Annotated[
+        str | None, typer.Option(help="--table main: loop depths, e.g. 4,8 (the default); drop = first -> last.")
+    ] = None,
+    labels: Annotated[
+        list[str], typer.Option("--label", help="--table main: row name per reference, in order (repeatable).")
+    ] = [],  # noqa: B006 - typer reads the default
 ) -> None:
-    """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16) and one overlay PNG."""
-    from stars.compare import CompareError, plot_comparison
+    """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16) and one overlay PNG, or
+    with --table main the paper's main-results table (text, --markdown, and --csv FILE for either)."""
+    from stars.compare import CompareError, main_results, plot_comparison
     from stars.compare import compare as run_compare
 
+    main = table is CompareTable.main
+    options = (("--task", task), ("--out", out)) if main else (("--depths", depths), ("--label", labels))
+    misplaced = [name for name, value in options if value]
+    if misplaced:
+        _fail(f"starsctl compare: {', '.join(misplaced)}: not an option of --table {table.value}")
     try:
-        comp = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
+        if main:
+            result = main_results(refs, _depths_option(depths, "--depths") if depths else None,
+                                  labels=labels or None, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
+        else:
+            result = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
     except CompareError as exc:
         _fail(f"starsctl compare: {exc}")
-    typer.echo(comp.markdown() if markdown else comp.table())
-    png = plot_comparison(comp, out if out is not None else Path(f"compare-{comp.task}.png"))
-    typer.echo(f"wrote {png}")
+    typer.echo(result.markdown() if markdown else result.table())
+    if csv_path is not None:
+        csv_path.write_text(result.csv())
+        typer.echo(f"wrote {csv_path}")
+    if not main:
+        png = plot_comparison(result, out if out is not None else Path(f"compare-{result.task}.png"))
+        typer.echo(f"wrote {png}")
 
 
 if __name__ == "__main__":  # pragma: no cover

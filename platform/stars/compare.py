@@ -1,4 +1,4 @@
-"""`starsctl compare`: depth curves read back from MLflow, as one table and one overlay PNG.
+"""`starsctl compare`: depth curves read back from MLflow, as tables and one overlay PNG.
 
 Where the curves are (docs/architecture.md): each evaluated checkpoint is a run `eval@step=N`
 (tag `stars.kind = eval`) nested under its trial run, with `<task>/acc` logged at step = depth.
@@ -6,11 +6,18 @@ A reference on the command line may be an experiment name (every trial in it), a
 name (an eval run itself, a trial run, or a job run whose trials are compared). Per trial the
 latest evaluated checkpoint is used unless `step` or `all_steps` says otherwise.
 
-No torch, no Ray: MLflow, and `stars.evaluation` for the summary and (matplotlib) the PNG.
+Two tables: `compare` gives one task's depth curves (runs x depths, peak, drops; `Comparison`), and
+`main_results` the paper's main-results table (runs x math benchmarks at a few loop depths, their
+average and its relative drop; `MainTable`). Both print as text, Markdown and CSV.
+
+No torch, no Ray: MLflow, `stars.evaluation` for the summary and (matplotlib) the PNG, and
+`stars.tasks.benchmarks` for the names of the math benchmarks.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from typing import Any
 from stars.errors import UserError
 from stars.evaluation.reports import plot_depth_curves
 from stars.evaluation.summary import DROP_DEPTHS, summary_metrics
+from stars.tasks.benchmarks import BENCHMARKS
 from stars.tracking import TAG_KIND, TAG_PARENT, TAG_STEP, resolve_tracking_uri
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -53,6 +61,9 @@ class Comparison:
 
     def markdown(self) -> str:
         return format_markdown(self)
+
+    def csv(self) -> str:
+        return format_csv(self)
 
 
 def _quote(value: str) -> str:
@@ -133,18 +144,19 @@ def _step(run: Any) -> int | None:
     return int(raw) if raw is not None else None
 
 
-def select_eval_runs(
+def _select_per_ref(
     client: Any, refs: Sequence[str], *, step: int | None = None, all_steps: bool = False
-) -> list[Any]:
-    """The eval runs to compare: per trial its latest evaluated checkpoint (or the one at `step`,
-    or all of them), in the order the references were given, without duplicates."""
-    chosen: list[Any] = []
+) -> list[tuple[str, list[Any]]]:
+    """Per reference, in the order given, the eval runs it stands for: per trial its latest evaluated
+    checkpoint (or the one at `step`, or all of them); a run an earlier reference chose is left out."""
+    out: list[tuple[str, list[Any]]] = []
     seen: set[str] = set()
     for ref in refs:
         runs = _runs_for(client, ref)
         by_trial: dict[str, list[Any]] = {}
         for r in runs:
             by_trial.setdefault(r.data.tags.get(TAG_PARENT, r.info.run_id), []).append(r)
+        chosen: list[Any] = []
         for group in by_trial.values():
             group.sort(key=lambda r: (_step(r) is None, _step(r) or 0))
             if step is not None:
@@ -160,7 +172,16 @@ def select_eval_runs(
                 if r.info.run_id not in seen:
                     seen.add(r.info.run_id)
                     chosen.append(r)
-    return chosen
+        out.append((ref, chosen))
+    return out
+
+
+def select_eval_runs(
+    client: Any, refs: Sequence[str], *, step: int | None = None, all_steps: bool = False
+) -> list[Any]:
+    """The eval runs to compare: per trial its latest evaluated checkpoint (or the one at `step`,
+    or all of them), in the order the references were given, without duplicates."""
+    return [r for _, runs in _select_per_ref(client, refs, step=step, all_steps=all_steps) for r in runs]
 
 
 def tasks_of(runs: Iterable[Any]) -> list[str]:
@@ -195,6 +216,19 @@ def read_curve(client: Any, run_id: str, task: str) -> dict[int, float]:
     return {d: v for d, (_, v) in sorted(latest.items())}
 
 
+def _open_store(refs: Sequence[str], tracking_uri: str | None) -> Any:
+    """An MlflowClient on an existing store, once there is something to look up in it."""
+    from mlflow.tracking import MlflowClient
+
+    if not refs:
+        raise CompareError("name at least one experiment, run id or run name to compare")
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # MLflow would create an empty store there; reading from one that is not there is a mistake
+        raise CompareError(f"no MLflow store at {uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri)
+
+
 def compare(
     refs: Sequence[str],
     task: str | None = None,
@@ -206,15 +240,7 @@ def compare(
 ) -> Comparison:
     """Read the `task` depth curves of the referenced runs/experiments; write the overlay PNG to
     `png` when given. `task=None` works when the runs hold exactly one task."""
-    from mlflow.tracking import MlflowClient
-
-    if not refs:
-        raise CompareError("name at least one experiment, run id or run name to compare")
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        # MLflow would create an empty store there; reading from one that is not there is a mistake
-        raise CompareError(f"no MLflow store at {uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=uri)
+    client = _open_store(refs, tracking_uri)
     runs = select_eval_runs(client, refs, step=step, all_steps=all_steps)
     available = tasks_of(runs)
     if task is None:
@@ -284,3 +310,153 @@ def format_markdown(comp: Comparison) -> str:
                  *(_drop_cell(s, t, d) for d in DROP_DEPTHS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_csv(comp: Comparison) -> str:
+    """The depth table as CSV, values as logged (fractions, not rounded): run, eval run id, training
+    step, acc at each depth, peak acc and its depth, and the drop from the peak at `DROP_DEPTHS`."""
+    t = comp.task
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run", "eval_run_id", "step", *(f"acc@{d}" for d in comp.depths), "peak_acc", "best_depth",
+                     *(f"drop@{d}" for d in DROP_DEPTHS)])
+    for c in comp.curves:
+        s = c.summary
+        best = s.get(f"{t}/best_depth")
+        writer.writerow([c.label, c.run_id, "" if c.step is None else c.step,
+                         *(c.acc.get(d, "") for d in comp.depths), s.get(f"{t}/peak_acc", ""),
+                         "" if best is None else int(best), *(s.get(f"{t}/drop_at_{d}", "") for d in DROP_DEPTHS)])
+    return buf.getvalue()
+
+
+# The paper's main-results table: math benchmarks x loop depths, their average and its relative drop.
+MATH_BENCHMARKS: tuple[str, ...] = tuple(BENCHMARKS)  # gsm8k, math500, asdiv, svamp, amc23: the paper's order
+MAIN_DEPTHS: tuple[int, ...] = (4, 8)
+_PAPER_SPELLING = {"asdiv": "ASDiv"}  # column names are upper case but for these
+
+
+@dataclass
+class MainRow:
+    """One run of the main-results table. Accuracies are fractions as logged; the table prints %."""
+
+    label: str
+    run_id: str  # the eval run
+    step: int | None
+    acc: dict[str, dict[int, float]]  # benchmark -> {depth: acc}, for the benchmarks the run has
+    missing: list[str]  # math benchmarks without `<task>/acc` in this run: '-' and not averaged
+    average: dict[int, float]  # depth -> mean over the benchmarks in `acc`
+    drop: float | None  # (average[first] - average[last]) / average[first]; None when average[first] == 0
+
+
+@dataclass
+class MainTable:
+    """Rows = runs in the order given; columns = each benchmark's accuracy at each depth, the average
+    over benchmarks at each depth, and the relative drop of that average from the first depth to the last."""
+
+    depths: list[int]
+    benchmarks: list[str]
+    rows: list[MainRow]
+
+    def header(self) -> list[str]:
+        names = [_PAPER_SPELLING.get(b, b.upper()) for b in self.benchmarks]
+        first, last = self.depths[0], self.depths[-1]
+        return ["run", *(f"{n}@{d}" for n in names for d in self.depths), *(f"Avg@{d}" for d in self.depths),
+                f"Drop {first}->{last} (%)"]
+
+    def cells(self, row: MainRow, absent: str = "-") -> list[str]:
+        """The numbers of one row as printed: percentages with 2 decimals, `absent` where there is none."""
+        accs = [_pct(row.acc[b][d]) if b in row.acc else absent for b in self.benchmarks for d in self.depths]
+        drop = _pct(row.drop) if row.drop is not None else absent
+        return [row.label, *accs, *(_pct(row.average[d]) for d in self.depths), drop]
+
+    def notes(self) -> list[str]:
+        """What a reader must know to read the averages: the rows that average fewer benchmarks."""
+        n = len(self.benchmarks)
+        return [f"{r.label}: Avg over {n - len(r.missing)} of {n} benchmarks (no {', '.join(r.missing)})"
+                for r in self.rows if r.missing]
+
+    def table(self) -> str:
+        """Aligned text; columns are separated by two spaces (labels may hold one)."""
+        grid = [self.header(), *(self.cells(r) for r in self.rows)]
+        widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+        first, last = self.depths[0], self.depths[-1]
+        lines = [f"accuracy (%) at depth {', '.join(map(str, self.depths))}; Avg = mean over the benchmarks a run has; "
+                 f"Drop = (Avg@{first} - Avg@{last}) / Avg@{first}"]
+        for line in grid:
+            lines.append("  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:]))]))
+        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
+
+    def markdown(self) -> str:
+        head = self.header()
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join(self.cells(r)) + " |" for r in self.rows]
+        notes = self.notes()
+        return "\n".join(lines + ([""] + [f"Note: {n}." for n in notes] if notes else []))
+
+    def csv(self) -> str:
+        """The same numbers as CSV: empty cells where a benchmark is missing, then the missing
+        benchmarks (space-separated) and the eval run id."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([*self.header(), "missing", "eval_run_id"])
+        for r in self.rows:
+            writer.writerow([*self.cells(r, absent=""), " ".join(r.missing), r.run_id])
+        return buf.getvalue()
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}"
+
+
+def _main_row(client: Any, run: Any, label: str, depths: list[int]) -> MainRow:
+    have = [b for b in MATH_BENCHMARKS if f"{b}/acc" in run.data.metrics]
+    if not have:
+        tasks = ", ".join(tasks_of([run])) or "none"
+        raise CompareError(f"{label!r} (eval run {run.info.run_id}) has no math benchmark "
+                           f"({', '.join(MATH_BENCHMARKS)}); tasks it has: {tasks}")
+    acc: dict[str, dict[int, float]] = {}
+    for b in have:
+        curve = read_curve(client, run.info.run_id, b)
+        absent = [d for d in depths if d not in curve]
+        if absent:
+            raise CompareError(f"{label!r}: {b} was not evaluated at depth {', '.join(map(str, absent))}; "
+                               f"depths logged: {list(curve)}")
+        acc[b] = {d: curve[d] for d in depths}
+    average = {d: sum(acc[b][d] for b in have) / len(have) for d in depths}
+    first, last = average[depths[0]], average[depths[-1]]
+    return MainRow(label, run.info.run_id, _step(run), acc, [b for b in MATH_BENCHMARKS if b not in acc],
+                   average, (first - last) / first if first else None)
+
+
+def main_results(
+    refs: Sequence[str],
+    depths: Sequence[int] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    tracking_uri: str | None = None,
+    step: int | None = None,
+    all_steps: bool = False,
+) -> MainTable:
+    """The paper's main-results table of the referenced runs (one row per selected eval run, in the
+    order of `refs`): math-benchmark accuracy at `depths` (default `MAIN_DEPTHS`), their average and
+    its relative drop from the first depth to the last. `labels`, one per reference, name the rows;
+    each labelled reference must then stand for one checkpoint. Without labels a row is named
+    `<trial run name>@<step>` as in the depth table."""
+    ds = sorted(set(depths if depths is not None else MAIN_DEPTHS))
+    if len(ds) < 2 or ds[0] < 1:
+        raise CompareError(f"the main table needs at least two depths >= 1 (the drop is first -> last), got {ds}")
+    if labels is not None and len(labels) != len(refs):
+        raise CompareError(f"give one label per reference: {len(refs)} references, {len(labels)} labels")
+    client = _open_store(refs, tracking_uri)
+    parents: dict[str, str] = {}
+    rows = []
+    for i, (ref, runs) in enumerate(_select_per_ref(client, refs, step=step, all_steps=all_steps)):
+        names = [_label(client, r, parents) for r in runs]
+        if labels is not None:
+            if len(runs) != 1:
+                listed = f": {', '.join(names)}" if names else " (its checkpoint is already in an earlier row)"
+                raise CompareError(f"a label names one row, but {ref!r} stands for {len(runs)} checkpoints{listed}; "
+                                   "name one trial or eval run instead")
+            names = [labels[i]]
+        rows.extend(_main_row(client, r, name, ds) for r, name in zip(runs, names))
+    return MainTable(ds, list(MATH_BENCHMARKS), rows)
