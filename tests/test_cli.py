@@ -155,7 +155,7 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.startswith("starsctl ")
 
 
-def test_submit_of_an_unsupported_model_source_is_a_user_error_before_ray(tmp_path):
+def test_submit_of_a_checkpoint_that_is_not_here_is_a_user_error_before_ray(tmp_path):
     spec = tmp_path / "ouro.yaml"
     spec.write_text(
         "name: o\nmodel: {source: ouro, pretrained: /nowhere}\n"
@@ -163,5 +163,5 @@ def test_submit_of_an_unsupported_model_source_is_a_user_error_before_ray(tmp_pa
     )
     rc, out, err, heavy = run_cli_subprocess("submit", str(spec), cwd=tmp_path)
     assert rc == 2, err
-    assert "model.source 'ouro'" in err and "Traceback" not in err
-    assert "ray" not in heavy
+    assert "model.pretrained '/nowhere': no such directory, and not a Hugging Face hub id" in err
+    assert "Traceback" not in err and "ray" not in heavy

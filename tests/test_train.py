@@ -190,3 +190,22 @@ def test_a_non_finite_loss_stops_training_at_that_step(tiny_spec):
     with pytest.raises(TrainingDiverged, match=r"^diverged at step \d+: loss (nan|inf)") as info:
         train_loop(spec)
     assert 1 <= info.value.step <= spec.train.max_steps
+
+
+def test_the_exit_gate_trains_only_when_the_loss_uses_it(tiny_spec, tmp_path):
+    from stars.train import ExitGateError
+
+    def run(ce_loss: str, name: str) -> tuple[LoopLM, LoopLM]:
+        spec = tiny_spec(**{"model.exit_gate": True, "stars.ce_loss": ce_loss, "train.max_steps": 4,
+                            "train.checkpoint_every": 2})
+        train_loop(spec, hooks=quiet(), checkpoint_root=tmp_path / name)
+        return (LoopLM.from_pretrained(tmp_path / name / "step_0000002" / "model"),
+                LoopLM.from_pretrained(tmp_path / name / "step_0000004" / "model"))
+
+    before, after = run("last_step", "last")
+    assert torch.equal(before.exit_gate.weight, after.exit_gate.weight)  # frozen: no gradient, no decay
+    assert not torch.equal(before.block[0].attn.q_proj.weight, after.block[0].attn.q_proj.weight)
+    before, after = run("gate_weighted", "gated")
+    assert not torch.equal(before.exit_gate.weight, after.exit_gate.weight)
+    with pytest.raises(ExitGateError, match="no exit gate"):
+        train_loop(tiny_spec(**{"stars.ce_loss": "gate_weighted"}), hooks=quiet(), checkpoint_root=tmp_path / "x")

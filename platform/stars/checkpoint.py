@@ -2,11 +2,12 @@
 
 A training checkpoint is a directory `step_NNNNNNN/` (the optimizer step, 7 digits) holding
 
-    model/               the LoopLM (`save_pretrained`), plus the text tokenizer for math tasks
+    model/               the model (`stars.model.save_model`: a LoopLM's `save_pretrained`, or Ouro's own
+                         layout for a model fine-tuned from Ouro), plus the text tokenizer for math tasks
     stars_task.json      what the model was trained on, so the checkpoint can be scored on its own
     trainer_state.pt     optimizer + LR-scheduler state dicts, step, (step, depth) history, resumes
 
-Evaluation also accepts a bare model directory (a `config.json` directly inside).
+Evaluation also accepts a bare model directory (a `config.json` directly inside), LoopLM or Ouro.
 
 `trainer_state.pt` is read with `torch.load(weights_only=True)`: tensors and plain containers
 (dict, list, tuple, str, int, float, bool, None) only, so loading a checkpoint from shared storage
@@ -76,10 +77,12 @@ def save_checkpoint(
     import torch
     from transformers.utils import logging as hf_logging
 
+    from stars.model import save_model
+
     hf_logging.disable_progress_bar()  # one bar per checkpoint drowns the progress lines
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path / MODEL_DIR)
+    save_model(model, path / MODEL_DIR)  # an Ouro-derived model in Ouro's own layout
     if tokenizer is not None:
         tokenizer.save_pretrained(path / MODEL_DIR)
     (path / TASK_FILE).write_text(json.dumps(dict(task_description), indent=2))
@@ -136,12 +139,12 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | os.PathLike[str], device: str | None = None) -> LoadedCheckpoint:
     """Load a platform checkpoint (`model/` + `stars_task.json`) or a bare model directory.
 
-    The model is put in eval mode on `device` (default: CUDA when visible, else CPU) in the dtype it
-    was saved in."""
+    The model is put in eval mode on `device` (default: CUDA when visible, else CPU), in bfloat16 on
+    CUDA and in the dtype it was saved in on the CPU."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from stars.model import LoopLM
+    from stars.model import load_pretrained
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint drowns the tables
     p = Path(path).expanduser()
@@ -157,5 +160,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | None = None) -> 
     if (p / TASK_FILE).is_file():
         task = json.loads((p / TASK_FILE).read_text())
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = LoopLM.from_pretrained(str(model_dir)).to(dev).eval()
+    # bf16 on GPU halves the weights and the KV cache of 16-depth generation; on CPU, as saved.
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    model = load_pretrained(model_dir, dtype=dtype).to(dev).eval()
     return LoadedCheckpoint(str(p), model, task, step_of(p))

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, get_args
 
 import torch
+import torch.nn.functional as F
 
-from stars.model.looplm import LoopLM, causal_lm_loss
+from stars.model.looplm import LoopLM, LoopRun, causal_lm_loss
 from stars.model.norms import jacobian_safe
-from stars.spec.stars import JsrrMode  # the spec's `stars.jsrr.mode` choices, defined once
+from stars.spec.stars import CeLoss, JsrrMode  # the spec's choices, defined once
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 JSRR_MODES: tuple[str, ...] = get_args(JsrrMode)
@@ -158,6 +159,26 @@ class StarsLoss:
     logits: torch.Tensor
 
 
+def gate_weighted_ce(model: LoopLM, run: LoopRun, labels: torch.Tensor) -> torch.Tensor:
+    """Ouro's loss: per supervised token, sum_t p_t * CE_t over the run's steps t = 1..depth, where
+    p_t are the exit probabilities (`LoopLM.exit_probabilities`, summing to 1), averaged over tokens.
+    Position i's logits predict labels[i + 1], so position i's exit distribution weights them.
+    Ouro's paper adds an entropy bonus on p; it is left out here (not part of STARS)."""
+    if run.states is None:
+        raise ValueError("gate_weighted_ce needs run_loop(keep_states=True)")
+    probs = model.exit_probabilities(run.states)[:, :, :-1]  # [depth, B, T-1]
+    target = labels[:, 1:]
+    mask = target != -100
+    per_step = torch.stack([
+        F.cross_entropy(
+            model.logits_of(replace(run, h=h))[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
+            reduction="none",
+        )
+        for h in run.states
+    ])  # [depth, B, T-1], 0 where ignored
+    return (probs * per_step).sum(0)[mask].sum() / mask.sum().clamp(min=1)
+
+
 def stars_loss(
     model: LoopLM,
     input_ids: torch.Tensor,
@@ -171,19 +192,23 @@ def stars_loss(
     jsrr_fraction: float = 1.0,
     backprop_depth: int | None = None,
     generator: torch.Generator | None = None,
+    ce_loss: CeLoss = "last_step",
 ) -> StarsLoss:
     """`(1 - lambda) * CE + lambda * JSRR` at `depth`. With `jsrr_weight=0` no Jacobian product runs.
 
     `jsrr_fraction < 1` computes the penalty on a random subset of the batch's sequences: an unbiased
-    estimate of the same per-element quantity at a fraction of the cost.
+    estimate of the same per-element quantity at a fraction of the cost. `ce_loss`: `last_step` is the
+    CE of the logits after `depth` steps (STARS); `gate_weighted` is Ouro's objective, the CE of every
+    step 1..depth weighted by the exit gate's probabilities (`gate_weighted_ce`).
     """
     if not 0.0 <= jsrr_weight <= 1.0:
         raise ValueError(f"jsrr_weight={jsrr_weight} must be in [0, 1]")
     if not 0.0 < jsrr_fraction <= 1.0:
         raise ValueError(f"jsrr_fraction={jsrr_fraction} must be in (0, 1]")
-    run = model.run_loop(input_ids, attention_mask, depth=depth, backprop_depth=backprop_depth)
+    gated = ce_loss == "gate_weighted"
+    run = model.run_loop(input_ids, attention_mask, depth=depth, backprop_depth=backprop_depth, keep_states=gated)
     logits = model.logits_of(run)
-    ce = causal_lm_loss(logits, labels)
+    ce = gate_weighted_ce(model, run, labels) if gated else causal_lm_loss(logits, labels)
     if jsrr_weight == 0.0:
         return StarsLoss(total=ce, ce=ce, jsrr=None, logits=logits)
     rows, h = None, run.h

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from stars.checkpoint import MODEL_DIR, load_trainer_state, save_checkpoint, step_dir_name
-from stars.model import LoopLM, LoopLMConfig
+from stars.errors import UserError
+from stars.model import LoopLM, LoopLMConfig, load_pretrained
 from stars.objective import LoopSampler, stars_loss
-from stars.spec import UNSUPPORTED_SOURCES, CheckpointModel, JobSpec
+from stars.spec import CheckpointModel, JobSpec
+from stars.spec.stars import CeLoss
 from stars.tasks import TrainingData, training_task
 
 
@@ -52,13 +54,12 @@ def weights_dtype(spec: JobSpec) -> torch.dtype:
 
 
 def build_model(spec: JobSpec, task: TrainingData) -> LoopLM:
-    """A new LoopLM from the spec's architecture, or a saved checkpoint, with weights in `model.dtype`
-    (float32 by default: fp32 master weights; `train.precision: bf16` autocasts the compute)."""
+    """A new LoopLM from the spec's architecture, or a saved one (a LoopLM or an Ouro checkpoint,
+    `stars.model.load_pretrained`), with weights in `model.dtype` (float32 by default: fp32 master
+    weights; `train.precision: bf16` autocasts the compute)."""
     m = spec.model
     if isinstance(m, CheckpointModel):
-        if m.source in UNSUPPORTED_SOURCES:
-            raise ValueError(UNSUPPORTED_SOURCES[m.source])
-        return LoopLM.from_pretrained(m.pretrained, dtype=weights_dtype(spec), trust_remote_code=m.trust_remote_code)
+        return load_pretrained(m.pretrained, dtype=weights_dtype(spec))
     torch.manual_seed(spec.seed)
     cfg = LoopLMConfig(vocab_size=task.vocab_size, pad_token_id=task.pad_token_id,
                        eos_token_id=task.eos_token_id, bos_token_id=task.bos_token_id,
@@ -137,13 +138,29 @@ class StarsObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], *, depth: int, jsrr_weight: float, jsrr_mode: str,
                 jsrr_fraction: float, power_iters: int, backprop_depth: int | None,
-                generator: torch.Generator):
+                generator: torch.Generator, ce_loss: CeLoss = "last_step"):
         out = stars_loss(self.model, batch["input_ids"], batch["labels"], depth=depth, jsrr_weight=jsrr_weight,
                          jsrr_mode=jsrr_mode, attention_mask=batch.get("attention_mask"),
                          power_iters=power_iters, jsrr_fraction=jsrr_fraction, backprop_depth=backprop_depth,
-                         generator=generator)
+                         generator=generator, ce_loss=ce_loss)
         jsrr = out.jsrr if out.jsrr is not None else torch.zeros((), device=out.ce.device)
         return out.ce, jsrr
+
+
+class ExitGateError(UserError):
+    """`stars.ce_loss: gate_weighted` on a model without an exit gate."""
+
+
+def _freeze_or_require_gate(model: LoopLM, ce_loss: CeLoss) -> None:
+    """The exit gate trains only when the loss uses it. Frozen otherwise, so it gets no gradient and
+    DDP does not need `find_unused_parameters` (which costs a graph walk every step)."""
+    if ce_loss == "gate_weighted" and model.exit_gate is None:
+        raise ExitGateError(
+            "stars.ce_loss is 'gate_weighted' but the model has no exit gate; use an Ouro checkpoint or "
+            "model.exit_gate: true, or stars.ce_loss: last_step"
+        )
+    if model.exit_gate is not None:
+        model.exit_gate.requires_grad_(ce_loss == "gate_weighted")
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -212,9 +229,10 @@ def train_loop(
     hooks = hooks or TrainHooks()
     tr, js = spec.train, spec.stars.jsrr
     task = training_task(spec.data.task).build(spec)
-    model = build_model(spec, task) if resume_dir is None else LoopLM.from_pretrained(
+    model = build_model(spec, task) if resume_dir is None else load_pretrained(
         Path(resume_dir) / MODEL_DIR, dtype=weights_dtype(spec)
     )
+    _freeze_or_require_gate(model, spec.stars.ce_loss)
     if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(worker.device).train()
@@ -260,7 +278,8 @@ def train_loop(
             with (objective.no_sync() if not sync else contextlib.nullcontext()), autocast:
                 ce, jsrr = objective(batch, depth=depth, jsrr_weight=jsrr_weight, jsrr_mode=js.mode,
                                      jsrr_fraction=js.batch_fraction, power_iters=js.power_iters,
-                                     backprop_depth=sampler.backprop_depth, generator=gen)
+                                     backprop_depth=sampler.backprop_depth, generator=gen,
+                                     ce_loss=spec.stars.ce_loss)
                 loss = (1 - jsrr_weight) * ce * share * worker.world_size + jsrr_weight * jsrr / accum
             loss.backward()
             ce_sum += float(ce.detach()) * share * worker.world_size

@@ -113,6 +113,7 @@ COMPUTING_CHANGES = {
     "data.seed": 3,
     "stars.loop_sampling": {"kind": "fixed", "depth": 4},
     "stars.jsrr.weight": 0.0,
+    "stars.ce_loss": "gate_weighted",
     "train.lr": 1e-3,
     "train.max_steps": 200,
     "train.global_batch_size": 256,
@@ -129,6 +130,7 @@ NON_COMPUTING_CHANGES = {
     "description": "new words",
     "eval.depths": "1-4",
     "eval.workers": 3,
+    "eval.benchmark_paths": {"gsm8k": "/data/gsm8k.jsonl"},
     "tracking.uri": "http://mlflow.example:5000",
     "tracking.tags": {"team": "x"},
     "train.log_every": 1,
@@ -145,6 +147,26 @@ NON_COMPUTING_CHANGES = {
 #: What a change needs along with it to stay valid.
 ALONG_WITH = {"resources.use_gpu": {"resources.gpus_per_worker": 1.0}}
 WITH_GPU = {"resources.use_gpu": True, "resources.gpus_per_worker": 0.5, "resources.accelerator_type": "H100"}
+
+
+def test_model_and_data_names_are_absolute_when_they_exist_here_and_ids_otherwise(tmp_path, spec_of):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "numina.jsonl").write_text("{}\n")
+    spec = spec_of(
+        model={"source": "ouro", "pretrained": "ckpt"},
+        data={"task": "math_sft", "dataset": "numina.jsonl", "tokenizer": "Org/tokenizer"},
+        eval={"tasks": ["gsm8k"], "benchmark_paths": {"gsm8k": "bench/gsm8k.jsonl", "svamp": "s3://b/svamp"}},
+    )
+    resolved = resolve_spec(spec, cwd=tmp_path)
+    assert resolved.model.pretrained == str(tmp_path.resolve() / "ckpt")
+    assert resolved.data.dataset == str(tmp_path.resolve() / "numina.jsonl")
+    assert resolved.data.tokenizer == "Org/tokenizer"  # not here: a hub id, left as it is
+    assert resolved.eval.benchmark_paths == {
+        "gsm8k": str(tmp_path.resolve() / "bench" / "gsm8k.jsonl"), "svamp": "s3://b/svamp",
+    }
+    assert resolve_spec(resolved, cwd=tmp_path) == resolved
+    hub = spec_of(model={"source": "ouro", "pretrained": "ByteDance/Ouro-1.4B"}, data={"task": "math_sft"})
+    assert resolve_spec(hub, cwd=tmp_path).model.pretrained == "ByteDance/Ouro-1.4B"
 
 
 def _single(spec_of) -> JobSpec:

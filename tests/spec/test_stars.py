@@ -106,3 +106,8 @@ def test_jsrr_modes_are_the_objectives():
     from stars.spec import JSRRSpec
 
     assert get_args(JSRRSpec.model_fields["mode"].annotation) == objective.JSRR_MODES
+
+
+def test_ce_loss_choices(problems_with):
+    (problem,) = problems_with(stars={"ce_loss": "gated"})
+    assert problem.path == "stars.ce_loss" and "last_step" in problem.message and "gate_weighted" in problem.message

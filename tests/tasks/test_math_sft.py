@@ -197,3 +197,25 @@ def test_unusable_chat_templates_fail_loudly(tiny_tokenizer_dir: Path, numina: P
     )
     with pytest.raises(ValueError, match="verbatim"):
         tokenize_sft(rows, rewrites)
+
+
+def test_ouros_mislabelled_special_tokens_are_corrected_on_load(tiny_tokenizer_dir, tmp_path) -> None:
+    """Ouro's upstream tokenizer config calls `<|endoftext|>` (id 0) PAD, BOS and EOS at once."""
+    import json
+    import shutil
+
+    from stars.tasks.math_sft import load_tokenizer
+
+    mislabelled = tmp_path / "ouro_tokenizer"
+    shutil.copytree(tiny_tokenizer_dir, mislabelled)
+    config = json.loads((mislabelled / "tokenizer_config.json").read_text())
+    config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    (mislabelled / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(mislabelled)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    # a tokenizer with distinct labels is left as it is
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_tokenizer_dir, custom)
+    config.update(bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(custom).eos_token_id == 0

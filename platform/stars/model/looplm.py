@@ -67,6 +67,7 @@ class LoopRun:
     e: torch.Tensor  # loop input (prelude output) [B, T, d]
     ctx: AttentionContext
     depth: int
+    states: list[torch.Tensor] | None = None  # h_1 .. h_depth, when `run_loop(keep_states=True)`
 
 
 @dataclass
@@ -84,10 +85,21 @@ class DepthReadout:
     dist_from_start: torch.Tensor
     states: torch.Tensor | None = None  # [n_depths, B, T, d] when asked for
     initial_state: torch.Tensor | None = None  # h_0 [B, T, d] when states were asked for
+    # Exit probabilities p_1 .. p_max(depths) [max_depth, B, T] with the last requested depth as the
+    # horizon, for a model with an exit gate (`LoopLM.exit_probabilities`); None otherwise.
+    exit_probs: torch.Tensor | None = None
     _index: dict[int, int] = field(default_factory=dict, repr=False)
 
     def logits_at(self, depth: int) -> torch.Tensor:
         return self.logits[self._index[depth]]
+
+
+@dataclass
+class LoopLMOutput(CausalLMOutputWithPast):
+    """`forward`'s output: transformers' causal-LM fields plus, for a model with an exit gate, the
+    exit probabilities of this pass's loop steps [depth, B, T] (`LoopLM.exit_probabilities`)."""
+
+    exit_probs: torch.Tensor | None = None
 
 
 class LoopLM(PreTrainedModel):
@@ -251,19 +263,42 @@ class LoopLM(PreTrainedModel):
         *,
         depth: int,
         backprop_depth: int | None = None,
+        keep_states: bool = False,
     ) -> LoopRun:
         """Embed and loop `depth` times. With `backprop_depth=k` only the last k steps keep a graph
-        (Huginn's truncated backpropagation)."""
+        (Huginn's truncated backpropagation). `keep_states` keeps every step's state (for per-step
+        logits or exit probabilities)."""
         check_depth(depth)
         ctx = self._context(input_ids, attention_mask)
         e = self._embed(input_ids, ctx, None)
         h = self._initial_state(e)
         no_grad_steps = 0 if backprop_depth is None else max(depth - check_depth(backprop_depth), 0)
-        if no_grad_steps:
-            with torch.no_grad():
-                h = self._advance(h, e, ctx, 1, no_grad_steps).detach()
-        h = self._advance(h, e, ctx, no_grad_steps + 1, depth)
-        return LoopRun(h=h, e=e, ctx=ctx, depth=depth)
+        states: list[torch.Tensor] | None = [] if keep_states else None
+        for t in range(1, depth + 1):
+            if t <= no_grad_steps:
+                with torch.no_grad():
+                    h = self._apply_step(h, e, ctx, t).detach()
+            else:
+                h = self._apply_step(h, e, ctx, t)
+            if states is not None:
+                states.append(h)
+        return LoopRun(h=h, e=e, ctx=ctx, depth=depth, states=states)
+
+    def exit_probabilities(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Ouro's exit distribution over the loop steps of one pass, [len(states), B, T].
+
+        lambda_t = sigmoid(gate(h_t)) is the chance to stop at step t given that no earlier step did:
+        p_t = lambda_t * prod_{j<t} (1 - lambda_j), and the last step takes the rest, so the p_t sum
+        to 1 per token (docs/science.md, section 6). Computed in float32."""
+        if self.exit_gate is None:
+            raise ValueError("this model has no exit gate (LoopLMConfig.exit_gate is false)")
+        if not states:
+            raise ValueError("exit_probabilities needs the state of at least one loop step")
+        lam = torch.sigmoid(torch.stack([self.exit_gate(h).squeeze(-1) for h in states]).float())
+        survive = torch.cumprod(1.0 - lam, dim=0)  # prod_{j<=t} (1 - lambda_j)
+        before = torch.cat([torch.ones_like(survive[:1]), survive[:-1]])  # prod_{j<t}
+        probs = lam * before
+        return torch.cat([probs[:-1], before[-1:]])  # the last step: all the mass not yet spent
 
     def logits_of(self, run: LoopRun) -> torch.Tensor:
         return self._logits(run.h, run.ctx)
@@ -289,19 +324,22 @@ class LoopLM(PreTrainedModel):
         use_cache: bool = False,
         backprop_depth: int | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Logits (and the shifted next-token loss when `labels` are given) at `depth` loop steps."""
+    ) -> LoopLMOutput:
+        """Logits (and the shifted next-token loss when `labels` are given) at `depth` loop steps,
+        and the exit probabilities when the model has an exit gate."""
         depth = check_depth(self.config.default_depth if depth is None else depth)
         if past_key_values is not None or use_cache:
             cache = past_key_values or LoopCache.empty(self.config, depth)
             if len(cache.loop) < depth:
                 raise ValueError(f"this cache holds {len(cache.loop)} loop steps; depth {depth} needs more")
             logits = self._cached_pass(input_ids, attention_mask, cache, depth)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
-        run = self.run_loop(input_ids, attention_mask, depth=depth, backprop_depth=backprop_depth)
+            return LoopLMOutput(logits=logits, past_key_values=cache)
+        gated = self.exit_gate is not None
+        run = self.run_loop(input_ids, attention_mask, depth=depth, backprop_depth=backprop_depth, keep_states=gated)
         logits = self.logits_of(run)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        exit_probs = self.exit_probabilities(run.states) if gated else None
+        return LoopLMOutput(loss=loss, logits=logits, exit_probs=exit_probs)
 
     @torch.no_grad()
     def forward_depths(
@@ -320,10 +358,12 @@ class LoopLM(PreTrainedModel):
         e = self._embed(input_ids, ctx, None)
         h0 = h = self._initial_state(e)
         weights = _token_weights(ctx.token_mask, input_ids.shape, h.dtype, h.device)
-        logits, states, norm, step, dist = [], [], [], [], []
+        logits, states, norm, step, dist, gated = [], [], [], [], [], []
         prev = h
         for t in range(1, depths[-1] + 1):
             h = self._apply_step(h, e, ctx, t)
+            if self.exit_gate is not None:
+                gated.append(h)
             if t in wanted:
                 logits.append(self._logits(h, ctx))
                 norm.append(_mean_token_norm(h, weights))
@@ -340,6 +380,7 @@ class LoopLM(PreTrainedModel):
             dist_from_start=torch.stack(dist),
             states=torch.stack(states) if return_states else None,
             initial_state=h0 if return_states else None,
+            exit_probs=self.exit_probabilities(gated) if gated else None,
             _index={k: i for i, k in enumerate(depths)},
         )
 

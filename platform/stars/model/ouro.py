@@ -12,13 +12,28 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from stars.errors import UserError
 from stars.model.config import LoopLMConfig
 from stars.model.looplm import LoopLM
 
-__all__ = ["OuroCheckpointError", "load_ouro", "ouro_config_to_looplm", "ouro_key_map"]
+__all__ = [
+    "OURO_CONFIG_ATTR",
+    "OuroCheckpointError",
+    "is_ouro_derived",
+    "load_ouro",
+    "looplm_config_to_ouro",
+    "ouro_config_to_looplm",
+    "ouro_key_map",
+    "save_ouro",
+]
+
+# The attribute of a LoopLMConfig that holds the Ouro `config.json` it was loaded from: its presence
+# makes checkpoints of the model save in Ouro's layout again (`save_ouro`), with the same keys.
+OURO_CONFIG_ATTR = "ouro_config"
+# Shard size of saved weights: the size transformers and vLLM expect to read shard by shard.
+_MAX_SHARD = "5GB"
 
 # Ouro's tokenizer config labels pad, bos and eos all as id 0; these are the real ones
 # (<|endoftext|>, <|im_start|>, <|im_end|>, docs/science.md section 6).
@@ -165,8 +180,9 @@ def _renamed(tensors: dict[str, torch.Tensor], key_map: dict[str, str], expected
     return {key_map[name]: tensor for name, tensor in tensors.items()}
 
 
-def load_ouro(path: str | Path, dtype: torch.dtype = torch.float32) -> LoopLM:
-    """A `LoopLM` holding the Ouro checkpoint in directory `path` (config.json + safetensors).
+def load_ouro(path: str | Path, dtype: torch.dtype | None = None) -> LoopLM:
+    """A `LoopLM` holding the Ouro checkpoint in directory `path` (config.json + safetensors), with
+    weights in `dtype` (None: as stored).
 
     Strict: every checkpoint tensor must map onto a LoopLM parameter and every parameter must be in
     the checkpoint, with the right shape; otherwise one `OuroCheckpointError` lists them all.
@@ -183,4 +199,61 @@ def load_ouro(path: str | Path, dtype: torch.dtype = torch.float32) -> LoopLM:
     key_map = ouro_key_map(config.n_block, config.tie_word_embeddings)
     state = _renamed(_read_tensors(directory), key_map, expected)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dtype).eval()
+    setattr(model.config, OURO_CONFIG_ATTR, json.loads(config_file.read_text()))
+    return (model if dtype is None else model.to(dtype)).eval()
+
+
+def is_ouro_derived(model: LoopLM) -> bool:
+    """Whether `model` was loaded from an Ouro checkpoint (and so saves in Ouro's layout)."""
+    return isinstance(getattr(model.config, OURO_CONFIG_ATTR, None), dict)
+
+
+def looplm_config_to_ouro(config: LoopLMConfig, dtype: torch.dtype) -> dict:
+    """The Ouro `config.json` for a LoopLM of Ouro's layout: the keys of the config it was loaded
+    from, with the architecture values taken from `config` (so a reshaped model stays truthful)."""
+    ouro = dict(getattr(config, OURO_CONFIG_ATTR, None) or {})
+    ouro.update(
+        architectures=["OuroForCausalLM"],
+        model_type="ouro",
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_block,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        intermediate_size=config.d_ff,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        total_ut_steps=config.default_depth,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    ouro.setdefault("hidden_act", "silu")
+    return ouro
+
+
+def save_ouro(model: LoopLM, path: str | Path) -> Path:
+    """Write `model` in Ouro's own layout: `config.json` (`model_type: ouro`) and safetensors with
+    Ouro's tensor names (sharded above 5 GB, with the standard index), so the original Ouro code and
+    vLLM read it. The inverse of `load_ouro`: loading the result gives back the same tensors."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    config = model.config
+    if not is_ouro_derived(model):
+        raise ValueError("save_ouro: the model was not loaded from an Ouro checkpoint (no ouro_config)")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    to_ouro = {ours: theirs for theirs, ours in ouro_key_map(config.n_block, config.tie_word_embeddings).items()}
+    ours = model.state_dict()
+    if set(ours) != set(to_ouro):
+        raise ValueError(f"save_ouro: the model's tensors differ from Ouro's layout: {sorted(set(ours) ^ set(to_ouro))}")
+    state = {to_ouro[name]: tensor.detach().contiguous().cpu() for name, tensor in ours.items()}
+    dtype = next(iter(state.values())).dtype
+    (out / "config.json").write_text(json.dumps(looplm_config_to_ouro(config, dtype), indent=2, sort_keys=True) + "\n")
+    split = split_torch_state_dict_into_shards(state, max_shard_size=_MAX_SHARD)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state[name] for name in names}, out / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

@@ -273,7 +273,7 @@ class EvaluationService:
     ) -> None:
         self.spec = spec
         self.names = actor_names(spec.name, spec.eval.workers)
-        self.benchmark_paths = dict(benchmark_paths or {})
+        self.benchmark_paths = dict(spec.eval.benchmark_paths if benchmark_paths is None else benchmark_paths)
         self.console = console
         self.namespace: str | None = None
         self.actors: list[Any] = []

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stars.errors import UserError
-from stars.spec import UNSUPPORTED_SOURCES, JobSpec, resolve_spec, sweep_trials
+from stars.spec import CheckpointModel, JobSpec, checkpoint_location_problem, resolve_spec, sweep_trials
 
 if TYPE_CHECKING:
     from stars.ray_backend.sweep import TrialOutcome
     from stars.ray_backend.training import TrialResult
 
 
-class UnsupportedSpecError(UserError):
-    """A spec that validates but cannot run yet; refused before Ray starts (no cluster time spent)."""
+class UnrunnableSpecError(UserError):
+    """A valid spec that cannot run on this machine (its model checkpoint is not here); refused
+    before Ray starts, so no cluster time is spent."""
 
 
 @dataclass
@@ -46,8 +47,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     """Run every trial of the job (one directly on Ray Train; a sweep's on Ray Tune), tracked in MLflow
     from this driver and rank 0 only. A trial that fails ends only itself: the result lists every
     trial's outcome, and `result.failed` is what the caller turns into exit code 1."""
-    if spec.model.source in UNSUPPORTED_SOURCES:  # before Ray starts: no cluster time spent
-        raise UnsupportedSpecError(UNSUPPORTED_SOURCES[spec.model.source])
+    if isinstance(spec.model, CheckpointModel):  # before Ray starts: no cluster time spent
+        problem = checkpoint_location_problem(spec.model.pretrained)
+        if problem:
+            raise UnrunnableSpecError(problem)
     # Ray, torch and MLflow load only now: a spec refused above costs neither cluster time nor imports.
     from stars.ray_backend.cluster import ensure_ray
     from stars.ray_backend.evaluation import EvaluationService

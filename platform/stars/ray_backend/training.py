@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from stars.checkpoint import step_dir_name
 from stars.ray_backend.ledger import EvalLedger
-from stars.spec import JobSpec, LoopLMModel, spec_hash
+from stars.spec import JobSpec, spec_hash
 from stars.train import TrainHooks, WorkerContext, train_loop
 
 
@@ -111,8 +111,9 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
         if ckpt_dir:  # now persisted in storage; the local copy is no longer needed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    exit_gate = isinstance(spec.model, LoopLMModel) and spec.model.exit_gate
-    unused = spec.stars.loop_sampling.kind == "poisson_lognormal" or exit_gate
+    # Truncated backprop leaves the early steps' graph out; the exit gate is frozen unless the loss
+    # uses it (`stars.train`), so it never needs this.
+    unused = spec.stars.loop_sampling.kind == "poisson_lognormal"
     hooks = TrainHooks(
         prepare_model=lambda m: ray.train.torch.prepare_model(
             m, parallel_strategy_kwargs={"find_unused_parameters": unused}

@@ -40,12 +40,12 @@ from stars.spec.loader import (
     validate_data,
 )
 from stars.spec.model import (
-    UNSUPPORTED_SOURCES,
     CheckpointModel,
     LoopLMModel,
     ModelSpec,
     NormSpec,
     WeightsDtype,
+    checkpoint_location_problem,
 )
 from stars.spec.paths import absolute_path, is_local_path, is_path_like, safe_path_component
 from stars.spec.problems import describe_errors
@@ -104,7 +104,6 @@ __all__ = [
     "REDACTED",
     "SAMPLE_DIGITS",
     "SECTION_NAMES",
-    "UNSUPPORTED_SOURCES",
     "UNSWEEPABLE",
     "AdditionData",
     "CheckpointModel",
@@ -140,6 +139,7 @@ __all__ = [
     "UniformLoops",
     "WeightsDtype",
     "absolute_path",
+    "checkpoint_location_problem",
     "addition_capacity",
     "apply_overrides",
     "architecture_problems",

@@ -11,13 +11,22 @@ from stars.spec.base import Float, Int, Section
 from stars.spec.depths import DEPTHS_SCHEMA, compact_depths, parse_depths
 from stars.spec.resources import CustomResource
 
-__all__ = ["EVAL_TASKS", "EVAL_TASK_NEEDS", "MATH_BENCHMARKS", "EvalResources", "EvalSpec", "EvalTask"]
+__all__ = [
+    "EVAL_TASKS",
+    "EVAL_TASK_NEEDS",
+    "MATH_BENCHMARKS",
+    "EvalResources",
+    "EvalSpec",
+    "EvalTask",
+    "MathBenchmark",
+]
 
 EvalTask = Literal["addition", "gsm8k", "math500", "asdiv", "svamp", "amc23"]
 #: Evaluation tasks the platform knows: the spec's declaration of the task registry's evaluation tasks
 #: (`stars.tasks.registry`; tests/tasks/test_registry.py checks that the two agree).
 EVAL_TASKS: tuple[str, ...] = get_args(EvalTask)
-MATH_BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "asdiv", "svamp", "amc23")
+MathBenchmark = Literal["gsm8k", "math500", "asdiv", "svamp", "amc23"]
+MATH_BENCHMARKS: tuple[str, ...] = get_args(MathBenchmark)
 #: Evaluation task -> (the `data.task` whose checkpoints it can score, why). The registry's entries
 #: carry the same `trained_on`; the spec keeps its own copy so validating needs no task code.
 EVAL_TASK_NEEDS: dict[str, tuple[str, str]] = {
@@ -73,6 +82,11 @@ class EvalSpec(Section):
     """Evaluation actors running in parallel."""
     resources: EvalResources = Field(default_factory=EvalResources)
     """Resources of each evaluation actor."""
+    benchmark_paths: dict[MathBenchmark, str] = Field(default_factory=dict)
+    """Local copies of math benchmarks, for clusters without hub access: benchmark -> a file
+    (jsonl/json/parquet/csv) or directory in the benchmark's own format, e.g.
+    `{gsm8k: /data/gsm8k/test.jsonl}`. Relative paths are relative to where the job is started.
+    Benchmarks not named here load from the Hugging Face hub."""
 
     @field_validator("depths", "rho_depths", mode="before")
     @classmethod

@@ -6,7 +6,9 @@ section without `source`, or no `model` section, is a default LoopLM.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -15,16 +17,33 @@ from stars.spec.architecture import Injection, Mlp, NormPosition, NormType, Posi
 from stars.spec.base import Float, Int, Section, cross_error, raise_all
 from stars.spec.depths import MAX_DEPTH
 
-__all__ = ["CheckpointModel", "LoopLMModel", "ModelSpec", "NormSpec", "UNSUPPORTED_SOURCES", "WeightsDtype"]
+__all__ = [
+    "CheckpointModel",
+    "LoopLMModel",
+    "ModelSpec",
+    "NormSpec",
+    "WeightsDtype",
+    "checkpoint_location_problem",
+]
 
 WeightsDtype = Literal["float32", "bfloat16", "float16"]
 
-# Spec values that validate but cannot run yet; `stars.run` refuses them before any cluster time.
-UNSUPPORTED_SOURCES = {
-    "ouro": "model.source 'ouro': loading Ouro checkpoints (the weight-name mapping onto "
-    "LoopLMConfig.ouro_layout()) is not implemented yet; convert the checkpoint to a LoopLM "
-    "and use model.source 'pretrained'",
-}
+# A Hugging Face hub id: `org/name` (what `model.pretrained` is when it is not a local path).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def checkpoint_location_problem(name: str) -> str | None:
+    """Why `model.pretrained` cannot be loaded on this machine, or None: it must be an existing
+    directory here or have the form of a hub id. Checked where the job runs (the driver), before
+    any cluster time is spent; not at validation, since a cluster's paths need not exist on a laptop."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"model.pretrained {name!r} is a file; expected a model directory (config.json + weights)"
+    if _HUB_ID.match(name):
+        return None
+    return f"model.pretrained {name!r}: no such directory, and not a Hugging Face hub id (org/name)"
 
 
 

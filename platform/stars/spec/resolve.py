@@ -101,6 +101,14 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or is_path_like(uri)
 
 
+def _local_if_present(name: str, base: Path) -> str:
+    """`name` made absolute when it names an existing local path (relative to `base`), else as given
+    (a hub id such as `ByteDance/Ouro-1.4B`, or a path that exists only where the job runs)."""
+    candidate = Path(name).expanduser()
+    candidate = candidate if candidate.is_absolute() else base / candidate
+    return str(candidate.resolve()) if is_local_path(name) and candidate.exists() else name
+
+
 def resolve_spec(spec: JobSpec, cwd: str | Path | None = None) -> JobSpec:
     """The spec with everything that depends on where it is started made explicit: local paths
     absolute against `cwd` (default: the working directory), the tracking URI chosen
@@ -115,6 +123,14 @@ def resolve_spec(spec: JobSpec, cwd: str | Path | None = None) -> JobSpec:
     for key in ("train_file", "test_file"):
         if d.get(key):
             d[key] = absolute_path(d[key], base)
+    # Names that are a local path or a hub id: absolute when they exist here, else left as ids.
+    for section, key in (("model", "pretrained"), ("data", "dataset"), ("data", "tokenizer")):
+        if data[section].get(key):
+            data[section][key] = _local_if_present(data[section][key], base)
+    paths = data["eval"]["benchmark_paths"]
+    data["eval"]["benchmark_paths"] = {
+        name: absolute_path(p, base) if is_local_path(p) else p for name, p in paths.items()
+    }
     tr = data["tracking"]
     if tr["uri"] is None:
         tr["uri"] = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base)

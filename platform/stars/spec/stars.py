@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "CeLoss",
     "FixedLoops",
     "JSRRSpec",
     "JsrrMode",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 JsrrMode = Literal["vjp", "jvp", "fd"]
+CeLoss = Literal["last_step", "gate_weighted"]
 
 
 def _rng(seed: int, step: int) -> np.random.Generator:
@@ -201,3 +203,7 @@ class StarsSpec(Section):
     Every DDP rank uses the same depth in a step."""
     jsrr: JSRRSpec = Field(default_factory=JSRRSpec)
     """Jacobian spectral radius regularization."""
+    ce_loss: CeLoss = "last_step"
+    """Cross-entropy term: `last_step` (STARS: the logits after the sampled depth) or `gate_weighted`
+    (Ouro's own objective: every step's CE weighted by the exit gate's probabilities; needs a model
+    with an exit gate, e.g. an Ouro checkpoint). With `last_step` the gate is frozen."""

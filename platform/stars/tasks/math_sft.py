@@ -54,7 +54,25 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) ->
     from transformers import AutoTokenizer
 
     local = Path(model_dir).expanduser().exists()
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local, trust_remote_code=trust_remote_code)
+    return correct_chatml_special_tokens(tokenizer)
+
+
+# Ouro's real special tokens (docs/science.md, section 6): PAD 0, BOS 1, EOS 2.
+_CHATML_SPECIALS = {"pad_token": "<|endoftext|>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+
+
+def correct_chatml_special_tokens(tokenizer: Any) -> Any:
+    """Fix the special-token labels of a ChatML tokenizer that calls one token PAD, BOS and EOS at
+    once (Ouro's upstream tokenizer config labels all three `<|endoftext|>`, id 0). Generation would
+    then stop on the wrong token and SFT labels would end at it. Other tokenizers are returned as is."""
+    labels = {tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token}
+    vocab = tokenizer.get_vocab()
+    if len(labels) == 1 and all(token in vocab for token in _CHATML_SPECIALS.values()):
+        tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token = (
+            _CHATML_SPECIALS["pad_token"], _CHATML_SPECIALS["bos_token"], _CHATML_SPECIALS["eos_token"]
+        )
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------- rows

@@ -32,19 +32,27 @@ _DEFAULT_CORPUS = (
 )
 
 
-def build_tiny_chat_tokenizer(
-    out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400
-) -> Path:
-    """Train a byte-level BPE on `texts`, save it with a ChatML template into `out_dir`, return the dir.
+UNK_TOKEN = "<unk>"
 
-    Byte-level BPE decodes every string back exactly, which the SFT label test relies on.
-    """
+
+def _character_tokenizer(corpus: list[str], vocab_size: int):
+    """Ouro's special tokens, `<unk>`, then the corpus's most frequent characters up to `vocab_size`
+    tokens, no merges: small enough for a tiny model's vocabulary (the Ouro test fixture has 97)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = Counter(ch for text in corpus for ch in text)
+    keep = [ch for ch, _ in chars.most_common(vocab_size - len(SPECIAL_TOKENS) - 1)]
+    vocab = {name: i for i, name in enumerate((*SPECIAL_TOKENS, UNK_TOKEN, *keep))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    tok.decoder = decoders.Fuse()  # characters back to text without separators
+    return tok
+
+
+def _byte_level_tokenizer(corpus: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = list(texts) if texts is not None else list(_DEFAULT_CORPUS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,6 +63,27 @@ def build_tiny_chat_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return tok
+
+
+def build_tiny_chat_tokenizer(
+    out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400, *, byte_level: bool = True
+) -> Path:
+    """Train a tokenizer on `texts`, save it with a ChatML template into `out_dir`, return the dir.
+
+    `byte_level` (default): a byte-level BPE, which decodes every string back exactly (the SFT label
+    test relies on that); it needs more than 256 tokens. Otherwise a character vocabulary of at most
+    `vocab_size` tokens, with `<unk>` for characters left out, for models with tiny vocabularies.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = list(texts) if texts is not None else list(_DEFAULT_CORPUS)
+    if byte_level:
+        tok = _byte_level_tokenizer(corpus, vocab_size)
+    else:  # the template's own characters must be in the vocabulary
+        tok = _character_tokenizer([*corpus, CHATML_TEMPLATE, "system\nuser\nassistant\n"], vocab_size)
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"special token {name!r} got id {tok.token_to_id(name)}, expected {i}")
@@ -63,6 +92,7 @@ def build_tiny_chat_tokenizer(
         pad_token="<|endoftext|>",
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
+        unk_token=None if byte_level else UNK_TOKEN,
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
