@@ -19,7 +19,9 @@ def load(name: str) -> JobSpec:
 
 def test_the_named_jobs_exist():
     names = {p.name for p in JOB_FILES}
-    assert {"addition.yaml", "addition-fixed-depth.yaml", "norm-study.yaml", "ouro-numina.yaml"} <= names
+    assert {"addition.yaml", "addition-fixed-depth.yaml", "norm-study.yaml", "stars_numina.yaml",
+            "sft_numina.yaml"} <= names
+    assert "ouro-numina.yaml" not in names  # renamed to stars_numina.yaml
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
@@ -63,22 +65,37 @@ def test_norm_study_covers_all_twelve_structures_at_depth_four():
     assert all(t.spec.stars.loop_sampling.kind == "fixed" and t.spec.stars.loop_sampling.depth == 4 for t in trials)
 
 
-def test_ouro_numina_is_the_paper_recipe():
-    spec = load("ouro-numina.yaml")
+def test_stars_numina_is_the_paper_recipe():
+    spec = load("stars_numina.yaml")
     assert spec.model.source == "ouro" and spec.model.pretrained == "ByteDance/Ouro-1.4B"
-    assert spec.model.dtype == "float32"  # fp32 master weights
+    assert spec.model.dtype == "float32" and not spec.model.trust_remote_code  # fp32 master weights
     r = spec.resources
-    assert (r.use_gpu, r.accelerator_type, r.num_workers) == (True, "A800", 32)
+    assert (r.use_gpu, r.accelerator_type, r.num_workers) == (True, "A800", 4)
     t = spec.train
-    assert (t.precision, t.schedule, t.lr, t.global_batch_size, t.epochs) == ("bf16", "wsd", 1e-6, 256, 1)
-    assert (t.warmup_fraction, t.decay_fraction, t.min_lr_ratio) == (0.1, 0.1, 0.001)
-    assert spec.grad_accum_steps == 8
+    assert (t.precision, t.schedule, t.lr, t.global_batch_size, t.epochs) == ("bf16", "cosine", 1e-6, 256, 1)
+    assert t.gradient_checkpointing and tuple(t.betas) == (0.9, 0.95) and t.weight_decay == 0.0
+    assert spec.grad_accum_steps == 32
     d = spec.data
     assert (d.task, d.dataset, d.num_samples, d.shuffle_seed, d.max_seq_len) == (
         "math_sft", "AI-MO/NuminaMath-1.5", 400_000, 74, 2048,
     )
+    s = spec.stars
+    assert (s.loop_sampling.kind, s.loop_sampling.mu, s.loop_sampling.sigma) == ("lognormal", 1.7, 0.4)
+    assert (s.loop_sampling.min, s.loop_sampling.max, s.jsrr.weight, s.ce_loss) == (1, 16, 0.1, "last_step")
     assert set(spec.eval.tasks) == {"gsm8k", "math500", "asdiv", "svamp", "amc23"}
-    assert spec.eval.depths == list(range(1, 17))
+    # the research code's schedule is one --set away
+    wsd = load_spec(JOBS / "stars_numina.yaml", ["train.schedule=wsd"]).train
+    assert (wsd.schedule, wsd.warmup_fraction, wsd.decay_fraction, wsd.min_lr_ratio) == ("wsd", 0.1, 0.1, 0.001)
+
+
+def test_sft_numina_differs_from_stars_numina_only_in_the_stars_recipe():
+    stars, sft = load("stars_numina.yaml"), load("sft_numina.yaml")
+    assert sft.stars.loop_sampling.kind == "fixed" and sft.stars.loop_sampling.depth == 4
+    assert sft.stars.jsrr.weight == 0.0
+    same = ("model", "data", "train", "resources", "eval", "tracking", "experiment", "seed")
+    for section in same:
+        assert getattr(sft, section) == getattr(stars, section), section
+    assert stars.eval.depths == list(range(1, 17))
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
@@ -113,3 +130,22 @@ def test_the_norm_lambda_sweep_is_small_by_default_and_full_in_one_set():
     assert {(t.spec.model.norm.type, t.spec.model.norm.position, t.spec.stars.jsrr.weight) for t in trials} == {
         (ty, pos, w) for ty in ("layernorm", "rmsnorm", "simplenorm")
         for pos in ("pre", "post", "pre_sandwich", "post_sandwich") for w in (0.0, 0.01, 0.03, 0.1, 0.3)}
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_validate_and_dry_run_agree_on_every_job(path, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stars.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+    validated = runner.invoke(app, ["validate", str(path)])
+    dry = runner.invoke(app, ["submit", str(path), "--dry-run"])
+    assert validated.exit_code == 0 and dry.exit_code == 0, validated.output + dry.output
+    from stars.spec import resolve_spec
+
+    printed = JobSpec.model_validate(yaml.safe_load(dry.stdout))
+    assert printed == resolve_spec(load_spec(path), cwd=tmp_path)  # the spec validate accepted, resolved
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
