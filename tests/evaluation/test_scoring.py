@@ -121,3 +121,32 @@ def test_clear_errors(addition_ckpt, math_ckpt):
     with pytest.raises(EvalInputError, match="depths is empty"):
         evaluate_checkpoint(addition_ckpt, ["addition"], [])
     assert issubclass(EvalInputError, UserError)  # `starsctl eval` exits 2 on it, without a traceback
+
+
+def test_generation_batches_shrink_to_what_fits_in_memory(math_ckpt, gsm8k_file):
+    """The batch planner counts the KV cache per token from the model's shape: a budget of exactly
+    k sequences' caches (at the planning share) yields k; the tokens do not depend on the batching."""
+    from stars.evaluation.scoring import _MEMORY_SHARE, fitting_batch_size
+
+    model = load_checkpoint(math_ckpt, "cpu").model
+    c = model.config
+    per_token = 2 * c.n_block * 16 * c.n_kv_heads * c.head_dim * 4  # float32, 16 loop steps, no prelude/coda
+    assert model.kv_cache_bytes_per_token(16) == per_token
+    per_seq = per_token * 30 + per_token * (30 + 50) + 4 * c.vocab_size * 2
+    for k in (1, 3, 7):
+        free = int(k * per_seq / _MEMORY_SHARE) + 1
+        assert fitting_batch_size(model, 30, 50, 16, 64, free_bytes=free) == k
+    assert fitting_batch_size(model, 30, 50, 16, 2, free_bytes=10**12) == 2  # never above the spec's
+    assert fitting_batch_size(model, 30, 50, 16, 64, free_bytes=1) == 1
+    assert fitting_batch_size(model, 30, 50, 16, 64) == 64  # CPU: not cut
+
+
+def test_generation_reports_progress_per_batch(math_ckpt, gsm8k_file):
+    from stars.evaluation import generate_depths
+
+    loaded = load_checkpoint(math_ckpt, "cpu")
+    prompts = encode_prompts(loaded.tokenizer(), load_benchmark("gsm8k", gsm8k_file))
+    seen = []
+    generate_depths(loaded.model, prompts, [1, 2], 4, batch_size=2, progress=lambda d, n: seen.append((d, n)))
+    n = len(prompts)
+    assert seen == [(min(i + 2, n), n) for i in range(0, n, 2)]

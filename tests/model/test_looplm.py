@@ -106,6 +106,26 @@ def test_shared_prefill_generation_equals_per_depth():
         assert torch.equal(tokens, model.generate_greedy(ids, depth=k, max_new_tokens=6, attention_mask=mask))
 
 
+def test_decoding_writes_into_preallocated_caches_without_concatenation(monkeypatch):
+    """After the prefill no key/value tensor is concatenated: each depth's cache is reserved for
+    prompt + new tokens up front (`LoopCache.reserve`), and tokens are written in place."""
+    model = tiny(**VARIANTS["rope_prelude_coda"])
+    ids, mask = batch()
+    expected = model.generate_greedy_depths(ids, [1, 3, 6], max_new_tokens=6, attention_mask=mask, eos_token_id=-1)
+    real_cat, kv_cats = torch.cat, []
+
+    def counting_cat(tensors, dim=0, **kw):
+        if dim == 2 and all(t.dim() == 4 for t in tensors):  # [B, heads, tokens, head_dim]
+            kv_cats.append(tuple(t.shape for t in tensors))
+        return real_cat(tensors, dim=dim, **kw)
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    got = model.generate_greedy_depths(ids, [1, 3, 6], max_new_tokens=6, attention_mask=mask, eos_token_id=-1)
+    assert kv_cats == []
+    for k in expected:
+        assert torch.equal(got[k], expected[k])
+
+
 def test_generation_stops_rows_at_eos_and_pads():
     model = tiny(**VARIANTS["addition"])
     ids, mask = batch()

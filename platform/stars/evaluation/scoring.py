@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +180,7 @@ def generate_depths(
     pad_token_id: int | None = None,
     shared_prefill: bool = True,
     dynamics: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, list[list[int]]], dict[str, dict[int, float]] | None]:
     """Greedy continuations of every prompt at every depth: {depth: [tokens of prompt i]} in prompt
     order, each cut after its EOS; and (with `dynamics`) the prompts' per-depth dynamics.
@@ -188,7 +189,9 @@ def generate_depths(
     batch runs first, so a memory problem shows at once. With `shared_prefill` each batch is
     prefilled once for all depths (`generate_greedy_depths`), else once per depth
     (`generate_greedy`); both give the same tokens. With learned positions the budget is cut to what
-    the position table holds (the cut is the returned tokens' length).
+    the position table holds (the cut is the returned tokens' length). On a GPU a batch is also cut
+    to what fits in free memory (`fitting_batch_size`). `progress(done, total)` is called after each
+    batch.
     """
     import torch
 
@@ -200,9 +203,13 @@ def generate_depths(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: dict[int, list[list[int]]] = {d: [[] for _ in prompts] for d in depths}
     dyn = _Dyn(depths) if dynamics else None
+    start = 0
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        while start < len(order):
+            longest = len(prompts[order[start]])
+            size = fitting_batch_size(model, longest, max_new_tokens, depths[-1], batch_size, shared_prefill)
+            idx = order[start : start + size]
+            start += len(idx)
             ids, mask = _left_pad([prompts[i] for i in idx], pad, device)
             budget = max_new_tokens
             if cfg.positions == "learned":
@@ -223,7 +230,38 @@ def generate_depths(
                     out[d][i] = _until_eos(row, eos)
             if dyn is not None:
                 dyn.add(model.forward_depths(ids, depths=depths, attention_mask=mask), float(mask.sum()))
+            if progress is not None:
+                progress(start, len(order))
     return out, (dyn.result() if dyn is not None else None)
+
+
+# Share of the free GPU memory a generation batch may plan for (the rest: activations, fragmentation).
+_MEMORY_SHARE = 0.7
+
+
+def fitting_batch_size(
+    model: LoopLM, prompt_len: int, max_new_tokens: int, max_depth: int, batch_size: int, shared_prefill: bool = True,
+    free_bytes: int | None = None,
+) -> int:
+    """`batch_size`, or fewer sequences when their KV caches would not fit in the device's free memory.
+
+    Per sequence: the shared prefill's cache (prompt tokens at `max_depth`) plus the cache of the depth
+    being decoded (prompt + new tokens at up to `max_depth`), at `LoopLM.kv_cache_bytes_per_token`,
+    plus one row of logits per token decoded. On the CPU (`free_bytes` None and no CUDA) nothing is cut.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    if free_bytes is None:
+        if device.type != "cuda":
+            return batch_size
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    per_token = model.kv_cache_bytes_per_token(max_depth)
+    prefill = per_token * prompt_len if shared_prefill else 0
+    decode = per_token * (prompt_len + max_new_tokens)
+    logits = 4 * model.config.vocab_size * 2  # float32 logits of the prefill's last token and one step
+    per_sequence = prefill + decode + logits
+    return max(1, min(batch_size, int(free_bytes * _MEMORY_SHARE // per_sequence)))
 
 
 def _until_eos(row: list[int], eos: int | None) -> list[int]:
@@ -243,6 +281,7 @@ def generative(
     batch_size: int = 16,
     system_prompt: str | None = None,
     shared_prefill: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, list[bool]], dict[str, dict[int, float]], list[list[int]]]:
     """Generate at every depth from the task's prompts of `items` and judge each answer with the task's
     `judge` (math benchmarks: the paper's protocol, 0-shot chat prompt, greedy, math-verify). Returns
@@ -255,7 +294,7 @@ def generative(
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
     tokens, dyn = generate_depths(
         model, prompts, depths, max_new_tokens, batch_size=batch_size, eos_token_id=eos, pad_token_id=pad,
-        shared_prefill=shared_prefill, dynamics=True,
+        shared_prefill=shared_prefill, dynamics=True, progress=progress,
     )
     judged: dict[tuple[str, int], bool] = {}  # many depths write the same text: judge it once
     correct: dict[int, list[bool]] = {}
@@ -312,8 +351,10 @@ def evaluate_task(
     batch_size: int = 64,
     max_new_tokens: int | None = None,
     benchmark_path: str | None = None,
+    console: Callable[[str], None] | None = None,
 ) -> TaskEval:
-    """Score one task of a loaded checkpoint at every depth, with dynamics (and rho at `rho_depths`)."""
+    """Score one task of a loaded checkpoint at every depth, with dynamics (and rho at `rho_depths`).
+    `console` receives a progress line after each generation batch (math benchmarks)."""
     depths = sorted({int(d) for d in depths})
     if not depths:
         raise EvalInputError("depths is empty; give e.g. 1-16")
@@ -337,9 +378,15 @@ def evaluate_task(
         tokenizer = loaded.tokenizer()
         items = entry.load(benchmark_path, limit)
         budget = max_new_tokens or entry.max_new_tokens
+        def report(done: int, total: int) -> None:
+            if console is not None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                console(f"[stars] {task} step {loaded.step}: generated {done}/{total} prompts at "
+                        f"{len(depths)} depths ({rate:.2f} prompts/s)")
+
         correct_lists, dyn, prompts = generative(
             entry, model, tokenizer, items, depths, budget, batch_size=batch_size,
-            system_prompt=loaded.task.get("system_prompt"),
+            system_prompt=loaded.task.get("system_prompt"), progress=report,
         )
         acc = {d: sum(c) / len(c) for d, c in correct_lists.items()}
         n = len(items)

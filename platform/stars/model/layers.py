@@ -9,7 +9,7 @@ A layer's two sublayers (attention, MLP) are wrapped by one of the four norm pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +29,47 @@ _NORMS_OF_POSITION = {
 
 @dataclass
 class KVSlot:
-    """Cached keys/values of one (loop step, layer). Extended by `torch.cat`, never in place, so two
-    caches may share a slot's tensors (shared-prefill generation relies on that)."""
+    """Cached keys/values of one (loop step, layer), [B, heads, tokens, head_dim].
+
+    Without a reservation a slot grows by `torch.cat` (a new tensor per token). `reserve(capacity)`
+    moves it into buffers of `capacity` tokens that later tokens are written into in place, so decoding
+    allocates nothing per token. A slot never writes into tensors it did not allocate: caches that
+    share a prefill's slots (shared-prefill generation) each reserve their own buffers first.
+    """
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    _k_buf: torch.Tensor | None = field(default=None, repr=False)
+    _v_buf: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reserve(self, capacity: int) -> None:
+        """Own buffers for `capacity` tokens holding what the slot has cached so far."""
+        if self.k is None:
+            raise ValueError("reserve needs a filled slot (prefill first): its shape comes from there")
+        n = self.length
+        if capacity < n:
+            raise ValueError(f"capacity {capacity} is below the {n} tokens already cached")
+        B, H, _, D = self.k.shape
+        self._k_buf = self.k.new_empty(B, H, capacity, D)
+        self._v_buf = self.v.new_empty(B, self.v.shape[1], capacity, self.v.shape[3])
+        self._k_buf[:, :, :n] = self.k
+        self._v_buf[:, :, :n] = self.v
+        self.k, self.v = self._k_buf[:, :, :n], self._v_buf[:, :, :n]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is not None:
+        n, new = self.length, k.shape[2]
+        if self._k_buf is not None and n + new <= self._k_buf.shape[2]:
+            self._k_buf[:, :, n : n + new] = k
+            self._v_buf[:, :, n : n + new] = v
+            k, v = self._k_buf[:, :, : n + new], self._v_buf[:, :, : n + new]
+        elif self.k is not None:
             k = torch.cat([self.k, k], dim=2)
             v = torch.cat([self.v, v], dim=2)
+            self._k_buf = self._v_buf = None  # outgrown: back to growing by concatenation
         self.k, self.v = k, v
         return k, v
 

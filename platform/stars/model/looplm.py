@@ -50,6 +50,15 @@ class LoopCache:
             coda=[KVSlot() for _ in range(config.n_coda)],
         )
 
+    def slots(self) -> list[KVSlot]:
+        return [*self.prelude, *(slot for step in self.loop for slot in step), *self.coda]
+
+    def reserve(self, capacity: int) -> LoopCache:
+        """Preallocate every slot for `capacity` tokens (`KVSlot.reserve`): decoding then writes in place."""
+        for slot in self.slots():
+            slot.reserve(capacity)
+        return self
+
     def share_first_steps(self, depth: int, coda: list[KVSlot]) -> LoopCache:
         """A cache for `depth` that shares this cache's prelude and first `depth` loop steps."""
 
@@ -284,6 +293,13 @@ class LoopLM(PreTrainedModel):
                 states.append(h)
         return LoopRun(h=h, e=e, ctx=ctx, depth=depth, states=states)
 
+    def kv_cache_bytes_per_token(self, depth: int) -> int:
+        """Bytes of KV cache one token takes at `depth`: keys and values of every prelude layer, of
+        every block layer at each of the `depth` loop steps, and of every coda layer."""
+        c = self.config
+        layers = c.n_prelude + depth * c.n_block + c.n_coda
+        return 2 * layers * c.n_kv_heads * c.head_dim * self.embed_tokens.weight.element_size()
+
     def exit_probabilities(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Ouro's exit distribution over the loop steps of one pass, [len(states), B, T].
 
@@ -448,7 +464,11 @@ class LoopLM(PreTrainedModel):
         full.length = input_ids.shape[1]
         results = {}
         for k in depths:
+            # Depths decode one after another: one depth's cache (prompt + new tokens) at a time, in
+            # buffers of its own, so the shared prefill is never written to.
             cache = full.share_first_steps(k, codas[k])
+            if max_new_tokens > 1:
+                cache.reserve(input_ids.shape[1] + max_new_tokens - 1)
             results[k] = self._decode(cache, first_logits[k], attention_mask, k, max_new_tokens, eos, pad, B)
         return results
 

@@ -173,7 +173,7 @@ class Evaluator:
         result = evaluate_task(
             loaded, task, ev.depths, rho_depths=ev.rho_depths if unit.primary else (),
             rho_iters=ev.rho_iters, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            benchmark_path=ctx.benchmark_paths.get(task),
+            benchmark_path=ctx.benchmark_paths.get(task), console=_console,
         )
         scratch = _scratch_dir()
         try:
