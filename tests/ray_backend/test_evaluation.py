@@ -1,5 +1,6 @@
 """Evaluation actors on a real local Ray with a real MLflow store: every committed checkpoint is
-scored at depths 1..16 while training runs, survives pruning, a killed Evaluator and a restart."""
+scored at depths 1..16 while training runs, survives pruning, a killed Evaluator and a restart, and
+is scored ahead of its validation on an idle evaluator when scoring is slower than training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from stars.checkpoint import step_of
 from stars.ray_backend.evaluation import EvaluationService
 from stars.ray_backend.job import run_job
 from stars.ray_backend.ledger import EvalLedger
@@ -29,8 +31,9 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("evaljobs")
 
 
-def eval_job(tmp_path: Path, name: str, **eval_overrides) -> JobSpec:
-    """A tiny addition job: 30 steps, a checkpoint every 10, Ray keeps only the newest one."""
+def eval_job(tmp_path: Path, name: str, train: dict | None = None, **eval_overrides) -> JobSpec:
+    """A tiny addition job: 30 steps, a checkpoint every 10 (`train` overrides), Ray keeps only the
+    newest one."""
     ev = {"tasks": ["addition"], "depths": "1-16", "rho_depths": [1, 16], "rho_iters": 5, "limit": 50,
           "batch_size": 64, "workers": 1, "resources": {"cpus": 1}, **eval_overrides}
     return JobSpec.model_validate({
@@ -40,7 +43,7 @@ def eval_job(tmp_path: Path, name: str, **eval_overrides) -> JobSpec:
                   "injection": "add"},
         "stars": {"loop_sampling": {"kind": "uniform", "min": 1, "max": 4}, "jsrr": {"weight": 0.0}},
         "train": {"max_steps": 30, "global_batch_size": 16, "lr": 1e-3, "checkpoint_every": 10,
-                  "log_every": 10, "keep_checkpoints": 1},
+                  "log_every": 10, "keep_checkpoints": 1, **(train or {})},
         # max_failures 1: on this 2-core box Ray's PlacementGroupCleaner now and then takes a failed
         # state-API lookup for a dead controller and removes the live worker group's placement
         # group; training then resumes from its last checkpoint instead of failing the test.
@@ -59,12 +62,15 @@ def eval_runs(client: MlflowClient, trial_run: str) -> dict[int, object]:
     return {int(r.data.tags["stars.step"]): r for r in runs}
 
 
-def check_all_scored(spec: JobSpec, result, rho_depths=(1, 16)) -> tuple[MlflowClient, dict[int, object]]:
-    """3 eval runs, 16 depth points each (no duplicates), dynamics, summaries on the trial run."""
+def check_all_scored(
+    spec: JobSpec, result, rho_depths=(1, 16), steps=STEPS
+) -> tuple[MlflowClient, dict[int, object]]:
+    """One eval run per checkpoint, 16 depth points each (no duplicates), dynamics, summaries on the
+    trial run."""
     client = MlflowClient(spec.tracking.uri)
     trial_run = result.job_run_id  # no sweep: the job run is the trial run
     runs = eval_runs(client, trial_run)
-    assert sorted(runs) == list(STEPS)
+    assert sorted(runs) == list(steps)
     for step, run in runs.items():
         assert run.info.run_name == f"eval@step={step}" and run.info.status == "FINISHED"
         acc = client.get_metric_history(run.info.run_id, "addition/acc")
@@ -75,9 +81,13 @@ def check_all_scored(spec: JobSpec, result, rho_depths=(1, 16)) -> tuple[MlflowC
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "addition")}
         assert artifacts == {"addition/addition.csv", "addition/addition.png"}
     for key in ("peak_acc", "best_depth", "acc_at_4", "acc_at_8", "acc_at_16", "drop_at_8", "drop_at_16"):
-        assert sorted(m.step for m in client.get_metric_history(trial_run, f"addition/{key}")) == list(STEPS), key
+        assert sorted(m.step for m in client.get_metric_history(trial_run, f"addition/{key}")) == list(steps), key
     ledger = EvalLedger(result.trials[0].storage_dir)
-    assert ledger.done_steps("addition") == list(STEPS)
+    assert ledger.done_steps("addition") == list(steps)
+    assert ledger.in_flight(steps, ["addition"]) == {}  # nothing left queued
+    for step, run in runs.items():
+        assert ledger.done(step, "addition")["eval_run_id"] == run.info.run_id
+        assert ledger.eval_run(step)["status"] == "FINISHED"
     return client, runs
 
 
@@ -110,10 +120,14 @@ def test_every_checkpoint_is_scored_at_16_depths_despite_pruning_and_a_restart(r
     done_after = {s: ledger.done(s, "addition")["finished"] for s in STEPS}
     assert done_after[10] == done_before[10] and done_after[20] == done_before[20]
     assert done_after[30] > done_before[30]
+    assert ledger.done(30, "addition")["attempts"] == 2 and ledger.done(20, "addition")["attempts"] == 1
 
 
-def _kill_evaluator_while_it_works(run_root: Path, stop: threading.Event, killed: list[int], job: str) -> None:
-    """SIGKILL the Evaluator process that claimed the first (checkpoint, task), before it finishes."""
+def _kill_evaluator_while_it_works(
+    run_root: Path, stop: threading.Event, killed: list[tuple[int, int]], job: str
+) -> None:
+    """SIGKILL the Evaluator process that claimed the first (checkpoint, task), before it finishes;
+    record (its pid, the checkpoint's step)."""
     deadline = time.time() + 240
     while not stop.is_set() and time.time() < deadline:
         for running in run_root.glob(f"{job}-*/eval/step_*/addition.running.json"):
@@ -124,7 +138,7 @@ def _kill_evaluator_while_it_works(run_root: Path, stop: threading.Event, killed
             except (ValueError, OSError):
                 continue  # being written
             os.kill(int(pid), signal.SIGKILL)  # the actor our job started (pid from its own claim)
-            killed.append(int(pid))
+            killed.append((int(pid), step_of(running.parent.name)))
             return
         time.sleep(0.02)
 
@@ -146,7 +160,10 @@ def test_a_killed_evaluator_is_replaced_and_no_checkpoint_is_left_unscored(ray_c
     client, runs = check_all_scored(spec, result, rho_depths=range(1, 17))
     ledger = EvalLedger(result.trials[0].storage_dir)
     pids = {s: ledger.done(s, "addition")["pid"] for s in STEPS}
-    assert killed[0] not in pids.values()  # the unit it was working on was redone by the restarted actor
+    pid, step = killed[0]
+    assert pid not in pids.values()  # the unit it was working on was redone by the restarted actor
+    attempts = {s: ledger.done(s, "addition")["attempts"] for s in STEPS}
+    assert attempts[step] == 2 and all(attempts[s] == 1 for s in STEPS if s != step)  # the ledger counts claims
 
 
 def test_the_payloads_into_ray_survive_json_and_pickle(store):
@@ -161,3 +178,48 @@ def test_the_payloads_into_ray_survive_json_and_pickle(store):
     assert EvalContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
     unit = EvalUnit(ctx, 10, "addition", primary=True, eval_run_id=None)
     assert pickle.loads(pickle.dumps(unit)) == unit
+
+
+def _overlapping_on_two_actors(records: dict[int, dict]) -> list[tuple[int, int]]:
+    """Pairs of checkpoints whose units ran at the same time on different evaluators."""
+    return [(a, b) for a in records for b in records if a < b
+            and records[a]["actor"] != records[b]["actor"]
+            and records[a]["started"] < records[b]["finished"] and records[b]["started"] < records[a]["finished"]]
+
+
+def _backlog_bounds(records: dict[int, dict], step: int, logged_at: float) -> tuple[int, int]:
+    """What the backlog measured by the validation of `step` (logged at `logged_at`) can be, from the
+    done records alone: at least the units started before that validation's own unit finished (so
+    committed) and finished after the metric was logged; at most every unit finished after it."""
+    own = records[step]["finished"]
+    low = sum(1 for r in records.values() if r["started"] < own and r["finished"] > logged_at)
+    high = sum(1 for r in records.values() if r["finished"] > own)
+    return low, high
+
+
+def test_checkpoints_are_scored_ahead_in_parallel_when_scoring_is_slower_than_training(ray_cluster, store):
+    # A checkpoint every 2 steps (training them takes about a second); scoring one takes seconds: 16
+    # depths, and the contraction factor rho at each of them with 15 power iterations. 2 evaluators.
+    steps = (2, 4, 6, 8)
+    spec = eval_job(store, "evalahead", train={"max_steps": 8, "checkpoint_every": 2, "log_every": 2},
+                    workers=2, rho_depths="1-16", rho_iters=15)
+    result = run_job(spec, console=lambda line: None)
+    # one eval run per checkpoint, each depth logged once, although keep_checkpoints=1 pruned all but one
+    client, runs = check_all_scored(spec, result, rho_depths=range(1, 17), steps=steps)
+    ledger = EvalLedger(result.trials[0].storage_dir)
+    records = {s: ledger.done(s, "addition") for s in steps}
+    # scored once each: one claim per unit; a validation whose unit had been handed out ahead sent
+    # its call to that same actor
+    assert {s: r["attempts"] for s, r in records.items()} == {s: 1 for s in steps}
+    assert all(ledger.queued(s, "addition")["actor"] == records[s]["actor"] for s in steps)
+    # Ray validates one checkpoint at a time, yet units of two checkpoints ran at once (so one of
+    # them was scored ahead of its validation)
+    assert _overlapping_on_two_actors(records), records
+    # the backlog: logged once per validated checkpoint, agreeing with when units ran, none at the end
+    backlog = {m.step: m for m in client.get_metric_history(result.job_run_id, "eval/backlog")}
+    assert sorted(backlog) == list(steps)
+    for step, metric in backlog.items():
+        low, high = _backlog_bounds(records, step, metric.timestamp / 1000)
+        assert low <= metric.value <= high, (step, metric.value, low, high, records)
+    assert max(m.value for m in backlog.values()) >= 1 and backlog[steps[-1]].value == 0
+    assert result.trials[0].metrics["eval/backlog"] == 0.0  # what the last validation returned to Ray

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,29 @@ def test_ledger_records_done_units_and_lists_what_is_missing(tmp_path):
     assert not list((tmp_path / "run" / "eval" / "step_0000010").glob("*.tmp-*"))  # atomic writes
     # a restarted job sees the same state through a new ledger
     assert EvalLedger(str(tmp_path / "run")).missing(10, ["addition"]) == []
+
+
+def test_a_unit_handed_to_an_evaluator_is_in_flight_until_it_is_done(tmp_path):
+    ledger = EvalLedger(str(tmp_path / "run"))
+    assert ledger.in_flight([10, 20], ["addition", "gsm8k"]) == {}
+    ledger.mark_queued(10, "addition", {"actor": "stars-eval-job-0"})
+    ledger.mark_queued(20, "addition", {"actor": "stars-eval-job-1"})
+    ledger.mark_queued(20, "gsm8k", {"actor": "stars-eval-job-0"})
+    assert ledger.queued(20, "addition") == {"actor": "stars-eval-job-1"}
+    assert sorted(ledger.in_flight([10, 20], ["addition", "gsm8k"])) == [(10, "addition"), (20, "addition"),
+                                                                          (20, "gsm8k")]
+    assert ledger.in_flight([20], ["addition"]) == {(20, "addition"): {"actor": "stars-eval-job-1"}}
+    ledger.mark_done(10, "addition", {"summary": {}})  # scored: no longer in flight (the marker stays)
+    ledger.clear_queued(20, "gsm8k")  # its call failed: forgotten, so the next dispatcher picks an actor
+    ledger.clear_queued(20, "gsm8k")
+    assert ledger.queued(10, "addition") is not None and ledger.queued(20, "gsm8k") is None
+    assert EvalLedger(str(tmp_path / "run")).in_flight([10, 20], ["addition", "gsm8k"]) == {
+        (20, "addition"): {"actor": "stars-eval-job-1"}}
+    # the checkpoint's eval run, as the first dispatcher of one of its units recorded it
+    assert ledger.eval_run(20) is None
+    ledger.mark_eval_run(20, {"run_id": "abc", "status": "RUNNING"})
+    assert EvalLedger(str(tmp_path / "run")).eval_run(20) == {"run_id": "abc", "status": "RUNNING"}
+    assert ledger.done_steps("addition") == [10] and ledger.missing(20, ["addition", "gsm8k"]) == ["addition", "gsm8k"]
 
 
 def test_ledger_treats_a_torn_done_marker_as_not_done(tmp_path):
@@ -65,6 +89,7 @@ def _report_three_checkpoints(config: dict) -> None:
 def test_committed_checkpoints_are_what_ray_train_keeps(ray_cluster, tmp_path):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
     trainer = TorchTrainer(
         _report_three_checkpoints,
@@ -78,6 +103,21 @@ def test_committed_checkpoints_are_what_ray_train_keeps(ray_cluster, tmp_path):
     _checkpoint_dirs(run, (99,))  # complete-looking, but not Ray's: the snapshot decides, not the listing
     assert committed_checkpoints(str(run)) == ["step_0000003"]  # 1 and 2 were pruned (num_to_keep=1)
     assert committed_checkpoints(str(run)) == [Path(result.checkpoint.path).name]
+
+    # Ray rewrites the snapshot in place while a run trains: a read that catches it half written is
+    # tried again, and one that never sees it whole raises
+    snapshot = run / RAY_RUN_SNAPSHOT
+    whole = snapshot.read_bytes()
+    snapshot.write_bytes(whole[: len(whole) // 2])
+    rewrite = threading.Timer(0.3, snapshot.write_bytes, args=(whole,))
+    rewrite.start()
+    try:
+        assert committed_checkpoints(str(run)) == ["step_0000003"]
+    finally:
+        rewrite.join()
+    snapshot.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointManagerInitializationError):
+        committed_checkpoints(str(run))
 
 
 def test_latest_summary_is_the_newest_checkpoint_with_every_task_scored(tmp_path):

@@ -12,11 +12,36 @@ two properties that matter (see `ray/train/v2/_internal/execution/checkpoint/`):
   re-queues the checkpoints it had not finished validating;
 - `trainer.fit()` returns only after every pending validation finished (`before_controller_shutdown`).
 
-Ray runs one validation at a time (MAX_IN_FLIGHT_VALIDATIONS = 1), so `eval.workers` actors
-parallelise over the tasks of a checkpoint, not over checkpoints.
+Scoring ahead. Ray runs one validation at a time (MAX_IN_FLIGHT_VALIDATIONS = 1), in report order.
+When scoring a checkpoint takes longer than training to the next one, the evaluators its tasks leave
+free would idle while a backlog builds, so the dispatcher of checkpoint N (`Dispatcher`) also scores
+later checkpoints: it hands N's missing units out first, then gives every evaluator that has no unit
+of this trial in flight a unit of a later committed checkpoint (oldest first) without waiting for it,
+and does so again whenever an evaluator frees up or a checkpoint is committed while it waits for N's
+own units (every `POLL_SECONDS`). It waits only for N's units. A later checkpoint is safe to score
+ahead: Ray validates in report order, so its validation has not run yet, and Ray keeps it from
+pruning until that validation returns, which is only once its units are done (below).
+
+Exactly once. Before a unit is handed to an actor the ledger gets a queued marker naming the actor
+(`EvalLedger.mark_queued`). A dispatcher sends a unit that is queued and not done to that same
+actor: the call queues behind the first one (an actor runs one call at a time) and, since
+`Evaluator.score` returns the done record when there is one, comes back with it. So a checkpoint's
+validation skips its done units, waits on the actor for those an earlier validation handed out, and
+scores nothing twice nor logs a depth curve twice; an ahead call that was lost (its actor died after
+its dispatcher returned) is scored by that validation's own call. The checkpoint's MLflow run
+`eval@step=N` is opened by whichever dispatcher first hands out a unit of N, which records its id in
+the ledger (`eval_run.json`); later dispatchers log into that run, and the dispatcher of N itself
+(the validation, or the sweep after fit) closes it once all of N's tasks are done.
+
+Backlog. At the end of each validation the dispatcher prints `[stars] eval backlog: K checkpoints
+waiting (steps ...), M units in flight` and logs `eval/backlog` (committed checkpoints not fully
+scored) on the trial run at the checkpoint's training step; the validation returns it among its
+metrics. Evaluators count as idle from the trial's own ledger: the trials of a sweep share them, so
+a trial's unit scored ahead may queue behind another trial's work (nothing is lost, only waits).
 
 Fault tolerance: actors restart without limit (`max_restarts=-1`) and Ray retries the call that was
-running when one died (`max_task_retries`); the dispatcher retries a few more times itself. Every
+running when one died (`max_task_retries`); the dispatcher retries its own units a few more times
+itself, and forgets where a failed unit was queued so the next dispatcher picks an actor afresh. Every
 (checkpoint, task) that is done has `<run dir>/eval/step_N/<task>.done.json` (`EvalLedger` in
 `stars.ray_backend.ledger`), written after MLflow holds its results, so a retried or restarted
 evaluation scores only what is missing and never logs a depth curve twice. After `fit()` the driver
@@ -37,7 +62,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +81,8 @@ if TYPE_CHECKING:
 ACTOR_PREFIX = "stars-eval"
 ACTOR_TASK_RETRIES = 2  # Ray re-runs the call that was running when its actor died
 DISPATCH_ATTEMPTS = 3  # and the dispatcher tries a unit this many times on top of that
+POLL_SECONDS = 2.0  # how often a waiting dispatcher looks for idle evaluators and new checkpoints
+BACKLOG_METRIC = "eval/backlog"  # on the trial run: committed checkpoints not fully scored
 
 
 def actor_names(job_name: str, workers: int) -> list[str]:
@@ -83,9 +111,11 @@ class EvalContext:
     artifact_root: str | None = None
     benchmark_paths: Mapping[str, str] = field(default_factory=dict)  # math benchmark -> local copy
     actor_offset: int = 0
-    """Task j of a checkpoint goes to actor (actor_offset + j) % len(actors). A sweep gives each trial
-    its own offset (its index), so concurrent trials start on different evaluators instead of all
-    queueing on the first one."""
+    """Where the trial's actor rotation starts: a unit goes to the least loaded actor, ties broken in
+    the order actor_offset, actor_offset + 1, ... (mod len(actors)), so with nothing in flight task j
+    of a checkpoint goes to actor (actor_offset + j) % len(actors). A sweep gives each trial its own
+    offset (its index), so concurrent trials start on different evaluators instead of all queueing on
+    the first one."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form Ray Train's `ValidationTaskConfig.fn_kwargs` asks for."""
@@ -166,8 +196,9 @@ class Evaluator:
         if record is not None:  # a retried call whose first attempt got as far as the marker
             return record
         started = time.time()
+        attempt = int((ledger.running(step, task) or {}).get("attempt", 0)) + 1  # retries and restarts count
         ledger.mark_running(step, task, {"pid": os.getpid(), "host": socket.gethostname(),
-                                         "actor": self.name, "started": started})
+                                         "actor": self.name, "started": started, "attempt": attempt})
         ev = ctx.eval
         loaded = self._load(checkpoint)
         result = evaluate_task(
@@ -187,9 +218,12 @@ class Evaluator:
             ledger.put_files(step, files)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        # claims of this unit so far: another claim made while this one ran (there should be none) counts too
+        attempts = max(attempt, int((ledger.running(step, task) or {}).get("attempt", 0)))
         record = {**result.to_json(), "step": step, "checkpoint": checkpoint.path,
                   "eval_run_id": unit.eval_run_id, "trial_run_id": ctx.trial_run_id,
-                  "actor": self.name, "pid": os.getpid(), "started": started, "finished": time.time()}
+                  "actor": self.name, "pid": os.getpid(), "started": started, "finished": time.time(),
+                  "attempts": attempts}
         ledger.mark_done(step, task, record)
         return record
 
@@ -198,49 +232,249 @@ def _actor(name: str, namespace: str | None) -> Any:
     return ray.get_actor(name, namespace=namespace)
 
 
+@dataclass
+class _Handed:
+    """A unit a dispatcher handed to an actor, with the call in flight."""
+
+    unit: EvalUnit
+    checkpoint: Checkpoint
+    actor: str
+    ref: Any  # ray.ObjectRef of the `Evaluator.score` call
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A trial's committed checkpoints not fully scored yet, and its units handed to evaluators."""
+
+    waiting: tuple[int, ...]  # their steps
+    in_flight: int
+
+    def line(self) -> str:
+        steps = f" (steps {', '.join(map(str, self.waiting))})" if self.waiting else ""
+        return f"[stars] eval backlog: {len(self.waiting)} checkpoints waiting{steps}, {self.in_flight} units in flight"
+
+
+class Dispatcher:
+    """Hands one trial's (checkpoint, task) units to the job's Evaluator actors: a checkpoint's own
+    units, and units of later checkpoints to evaluators that are idle (module docstring). Every
+    hand-off is recorded in the ledger before the call, and a unit already queued goes to the actor
+    it was queued on, so it is scored once whoever dispatches it."""
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.ctx = ctx
+        self.tasks = list(ctx.eval.tasks or [])
+        self.ledger = EvalLedger(ctx.run_dir)
+        n = len(ctx.actors)
+        # actor_offset first: the trials of a sweep start on different evaluators
+        self.rotation = [ctx.actors[(ctx.actor_offset + i) % n] for i in range(n)]
+        self._tracker: Tracker | None = None
+        self._eval_runs: dict[int, str] = {}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = self.ctx.tracker()
+        return self._tracker
+
+    # -- what the run's storage says --------------------------------------------------------------
+    def committed(self) -> dict[int, Checkpoint] | None:
+        """The run's committed checkpoints by step; None when Ray's run snapshot cannot be read now."""
+        try:
+            names = committed_checkpoints(self.ctx.run_dir)
+        except Exception as exc:  # noqa: BLE001 - ledger retried already; scoring ahead can wait for the next poll
+            _console(f"[stars] eval: cannot read the committed checkpoints of {self.ctx.run_dir} now ({exc!r})")
+            return None
+        root = self.ctx.run_dir.rstrip("/")
+        return {step: Checkpoint(f"{root}/{name}") for name in names if (step := step_of(name)) is not None}
+
+    def in_flight(self, steps: Iterable[int]) -> dict[tuple[int, str], str]:
+        """Units of `steps` handed to one of this job's actors and not scored yet: (step, task) -> actor.
+        A unit queued on an actor the job no longer has (fewer `eval.workers` since) is not in flight."""
+        records = self.ledger.in_flight(steps, self.tasks)
+        return {unit: r["actor"] for unit, r in records.items() if r.get("actor") in self.ctx.actors}
+
+    @staticmethod
+    def _pending_from(step: int, committed: Mapping[int, Checkpoint]) -> set[int]:
+        """The steps whose units can be in flight while the checkpoint at `step` is validated: itself
+        and the later ones. An earlier checkpoint's validation returned only once its units were
+        done or failed (a failed unit's queued marker is cleared), so evaluators are free of them;
+        leaving those steps out also keeps each poll's reads few when many checkpoints are kept."""
+        return {step, *(s for s in committed if s > step)}
+
+    def backlog(self) -> Backlog | None:
+        committed = self.committed()
+        if committed is None:
+            return None
+        waiting = tuple(s for s in sorted(committed) if self.ledger.missing(s, self.tasks))
+        return Backlog(waiting, len(self.in_flight(committed)))
+
+    # -- the checkpoint's MLflow eval run ---------------------------------------------------------
+    def eval_run(self, step: int, checkpoint: Checkpoint) -> str | None:
+        """The `eval@step=N` run units of `step` log into: the open one the ledger names, else opened
+        now (`start_eval` finds the step's run again by its key, so a closed one is reopened, not
+        duplicated) and recorded in the ledger. None without MLflow."""
+        if not self.ctx.trial_run_id:
+            return None
+        if step in self._eval_runs:
+            return self._eval_runs[step]
+        record = self.ledger.eval_run(step)
+        if record and record.get("trial_run_id") == self.ctx.trial_run_id and record.get("status") == "RUNNING":
+            run = str(record["run_id"])
+        else:
+            run = self.tracker.start_eval(self.ctx.trial_run_id, step)
+            self.tracker.set_tags(run, {"stars.checkpoint": checkpoint.path, "stars.eval.tasks": ",".join(self.tasks)})
+            self.ledger.mark_eval_run(step, {"run_id": run, "trial_run_id": self.ctx.trial_run_id,
+                                             "status": "RUNNING", "opened": time.time()})
+        self._eval_runs[step] = run
+        return run
+
+    def close_eval_run(self, step: int, status: str) -> None:
+        """End the step's eval run when this trial opened it and it is still open."""
+        record = self.ledger.eval_run(step)
+        if not (self.ctx.trial_run_id and record and record.get("trial_run_id") == self.ctx.trial_run_id
+                and record.get("status") == "RUNNING"):
+            return
+        self.tracker.end(record["run_id"], status)
+        self.ledger.mark_eval_run(step, {**record, "status": status, "closed": time.time()})
+        self._eval_runs.pop(step, None)
+
+    # -- handing units out ------------------------------------------------------------------------
+    def send(self, checkpoint: Checkpoint, step: int, task: str, actor: str, *, for_step: int) -> _Handed:
+        """Record (step, task) as queued on `actor`, then call it; the call is not waited for here.
+        `for_step`: the checkpoint whose dispatcher this is (`step` itself, or an earlier one scoring ahead)."""
+        unit = EvalUnit(self.ctx, step, task, primary=task == self.tasks[0],
+                        eval_run_id=self.eval_run(step, checkpoint))
+        self.ledger.mark_queued(step, task, {"actor": actor, "queued": time.time(), "by_step": for_step,
+                                             "pid": os.getpid(), "host": socket.gethostname()})
+        return _Handed(unit, checkpoint, actor, self._call(actor, checkpoint, unit))
+
+    def resend(self, handed: _Handed) -> None:
+        """Call the same actor again (it died and Ray's own retries ran out; it restarts)."""
+        handed.ref = self._call(handed.actor, handed.checkpoint, handed.unit)
+        handed.calls += 1
+
+    def _call(self, actor: str, checkpoint: Checkpoint, unit: EvalUnit) -> Any:
+        return _actor(actor, self.ctx.namespace).score.remote(checkpoint, unit)
+
+    def send_own(self, checkpoint: Checkpoint, step: int, tasks: Sequence[str]) -> dict[str, _Handed]:
+        """Hand out the missing `tasks` of the checkpoint at `step`: each one queued already to its
+        actor, the others to the least loaded evaluators (ties in rotation order)."""
+        queued = self.in_flight(self._pending_from(step, self.committed() or {}))
+        load = Counter(queued.values())
+        handed = {}
+        for task in tasks:
+            actor = queued.get((step, task))
+            if actor is None:
+                actor = min(self.rotation, key=lambda a: load[a])
+                load[actor] += 1
+            handed[task] = self.send(checkpoint, step, task, actor, for_step=step)
+        return handed
+
+    def send_ahead(self, after: int, ahead: dict[Any, _Handed]) -> None:
+        """Give each evaluator without a unit of this trial in flight one missing, unqueued unit of a
+        committed checkpoint later than `after` (oldest first); the calls are added to `ahead`."""
+        committed = self.committed()
+        if not committed:
+            return
+        queued = self.in_flight(self._pending_from(after, committed))
+        busy = set(queued.values())
+        idle = [a for a in self.rotation if a not in busy]
+        for step in sorted(s for s in committed if s > after):
+            if not idle:
+                return
+            for task in self.ledger.missing(step, self.tasks):
+                if idle and (step, task) not in queued:
+                    handed = self.send(committed[step], step, task, idle.pop(0), for_step=after)
+                    ahead[handed.ref] = handed
+
+    def _ahead_finished(self, handed: _Handed) -> None:
+        unit = handed.unit
+        try:
+            ray.get(handed.ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            self.ledger.clear_queued(unit.step, unit.task)
+            _console(f"[stars] eval of {unit.task} at step {unit.step} (ahead of its validation) failed on "
+                     f"{handed.actor}: {type(exc).__name__}; its validation scores it")
+
+    def _send_ahead_safely(self, after: int, ahead: dict[Any, _Handed]) -> None:
+        try:
+            self.send_ahead(after, ahead)
+        except Exception as exc:  # noqa: BLE001 - scoring ahead only saves time; its validation scores the unit
+            _console(f"[stars] eval: scoring ahead of step {after} failed ({exc!r}); checkpoints wait for their validation")
+
+    # -- one checkpoint ---------------------------------------------------------------------------
+    def wait(self, step: int, own: dict[str, _Handed]) -> list[str]:
+        """Wait for `own` (units of the checkpoint at `step`), calling an actor again when it died;
+        meanwhile keep idle evaluators busy with later checkpoints. Returns the failures."""
+        pending = dict(own)
+        ahead: dict[Any, _Handed] = {}
+        failures: list[str] = []
+        self._send_ahead_safely(step, ahead)
+        while pending:
+            task_of = {h.ref: task for task, h in pending.items()}
+            ready, _ = ray.wait([*task_of, *ahead], num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                if ref in ahead:
+                    self._ahead_finished(ahead.pop(ref))
+                    continue
+                task = task_of[ref]
+                handed = pending[task]
+                try:
+                    ray.get(ref)
+                    del pending[task]
+                except ray.exceptions.RayActorError as exc:  # died (and Ray's own retries ran out)
+                    if handed.calls < DISPATCH_ATTEMPTS:
+                        time.sleep(1.0)
+                        self.resend(handed)
+                        continue
+                    failures.append(f"{task}: evaluator died {handed.calls} times ({type(exc).__name__})")
+                    self.ledger.clear_queued(step, task)
+                    del pending[task]
+                except ray.exceptions.RayTaskError as exc:
+                    failures.append(f"{task}: {exc.cause!r}" if getattr(exc, "cause", None) else f"{task}: {exc}")
+                    self.ledger.clear_queued(step, task)
+                    del pending[task]
+            self._send_ahead_safely(step, ahead)
+        return failures
+
+    def score(self, checkpoint: Checkpoint) -> dict[str, float]:
+        """Score the checkpoint's missing tasks (what `score_checkpoint` does); returns its summary."""
+        step = step_of(checkpoint.path)
+        if step is None:
+            raise ValueError(f"checkpoint {checkpoint.path!r} is not a step_NNNNNNN directory")
+        todo = self.ledger.missing(step, self.tasks)
+        failures = self.wait(step, self.send_own(checkpoint, step, todo) if todo else {})
+        self.close_eval_run(step, "FAILED" if failures else "FINISHED")
+        if failures:
+            raise RuntimeError(f"evaluation of {checkpoint.path} failed: " + "; ".join(failures))
+        summary: dict[str, float] = {}
+        for task in self.tasks:
+            record = self.ledger.done(step, task) or {}
+            summary.update(record.get("summary", {}))
+        _console(f"[stars] eval step {step}: " + "; ".join(_summary_line(t, summary) for t in self.tasks))
+        return summary
+
+    def report_backlog(self, step: int) -> int | None:
+        """Print the backlog and log `eval/backlog` on the trial run at `step` (once); None when the
+        run's committed checkpoints cannot be read now."""
+        backlog = self.backlog()
+        if backlog is None:
+            return None
+        _console(backlog.line())
+        if self.ctx.trial_run_id:
+            trial = self.ctx.trial_run_id
+            if step not in {s for s, _ in self.tracker.metric_history(trial, BACKLOG_METRIC)}:  # a retried validation
+                self.tracker.log_metrics(trial, {BACKLOG_METRIC: len(backlog.waiting)}, step)
+        return len(backlog.waiting)
+
+
 def score_checkpoint(checkpoint: Checkpoint, ctx: EvalContext) -> dict[str, float]:
     """Score every task of `checkpoint` that the ledger does not list as done, spread over the
-    job's Evaluator actors; open/close the checkpoint's `eval@step=N` MLflow run. Returns the
-    summary metrics of all its tasks. Raises when a unit still fails after its retries."""
-    tasks = list(ctx.eval.tasks or [])
-    step = step_of(checkpoint.path)
-    if step is None:
-        raise ValueError(f"checkpoint {checkpoint.path!r} is not a step_NNNNNNN directory")
-    ledger = EvalLedger(ctx.run_dir)
-    todo = ledger.missing(step, tasks)
-    tracker, eval_run = None, None
-    if todo and ctx.trial_run_id:
-        tracker = ctx.tracker()
-        eval_run = tracker.start_eval(ctx.trial_run_id, step)
-        tracker.set_tags(eval_run, {"stars.checkpoint": checkpoint.path, "stars.eval.tasks": ",".join(tasks)})
-    units = {task: EvalUnit(ctx, step, task, primary=task == tasks[0], eval_run_id=eval_run) for task in todo}
-    actor_of = {task: ctx.actors[(ctx.actor_offset + j) % len(ctx.actors)] for j, task in enumerate(todo)}
-    refs = {t: _actor(actor_of[t], ctx.namespace).score.remote(checkpoint, u) for t, u in units.items()}
-    failures = []
-    for task, unit in units.items():
-        for attempt in range(1, DISPATCH_ATTEMPTS + 1):
-            try:
-                ray.get(refs[task])
-                break
-            except ray.exceptions.RayActorError as exc:  # died (and Ray's own retries ran out)
-                if attempt == DISPATCH_ATTEMPTS:
-                    failures.append(f"{task}: evaluator died {attempt} times ({type(exc).__name__})")
-                    break
-                time.sleep(1.0)
-                refs[task] = _actor(actor_of[task], ctx.namespace).score.remote(checkpoint, unit)
-            except ray.exceptions.RayTaskError as exc:
-                failures.append(f"{task}: {exc.cause!r}" if getattr(exc, "cause", None) else f"{task}: {exc}")
-                break
-    if tracker is not None and eval_run is not None:
-        tracker.end(eval_run, "FAILED" if failures else "FINISHED")
-    if failures:
-        raise RuntimeError(f"evaluation of {checkpoint.path} failed: " + "; ".join(failures))
-    summary: dict[str, float] = {}
-    for task in tasks:
-        record = ledger.done(step, task) or {}
-        summary.update(record.get("summary", {}))
-    _console(f"[stars] eval step {step}: " + "; ".join(_summary_line(t, summary) for t in tasks))
-    return summary
+    job's Evaluator actors (scoring later checkpoints ahead on idle ones); open/close the
+    checkpoint's `eval@step=N` MLflow run. Returns the summary metrics of all its tasks. Raises when
+    a unit still fails after its retries."""
+    return Dispatcher(ctx).score(checkpoint)
 
 
 def _summary_line(task: str, s: dict[str, float]) -> str:
@@ -255,8 +489,12 @@ def _summary_line(task: str, s: dict[str, float]) -> str:
 
 def validate_checkpoint(checkpoint: Checkpoint, **context: Any) -> dict[str, float]:
     """Ray Train's validation function: runs for every checkpoint reported with `validation=True`
-    (`context` is `EvalContext.to_json()`); while it runs Ray keeps the checkpoint from being pruned."""
-    return score_checkpoint(checkpoint, EvalContext.from_json(context))
+    (`context` is `EvalContext.to_json()`); while it runs Ray keeps the checkpoint from being pruned.
+    Returns the checkpoint's summary metrics and `eval/backlog`."""
+    dispatcher = Dispatcher(EvalContext.from_json(context))
+    summary = dispatcher.score(checkpoint)
+    backlog = dispatcher.report_backlog(step_of(checkpoint.path) or 0)
+    return summary if backlog is None else {**summary, BACKLOG_METRIC: float(backlog)}
 
 
 class EvaluationService:

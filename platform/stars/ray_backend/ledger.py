@@ -8,7 +8,9 @@ storage (`s3://...`) are handled alike.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,9 @@ from stars.checkpoint import TASK_FILE, step_dir_name, step_of
 # Ray Train V2's run snapshot (`ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`).
 # Only its presence is checked here; its content is read by Ray itself (`ray.train.Result.from_path`).
 RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+SNAPSHOT_READ_ATTEMPTS = 5  # while training runs, Ray rewrites the snapshot in place; a read can catch it torn
+# Loading a snapshot logs, at INFO, a notice meant for a run that resumes from it (three lines per read).
+_RAY_SNAPSHOT_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 
 
 def storage_filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
@@ -33,12 +38,17 @@ def storage_filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
 class EvalLedger:
     """Which (checkpoint, task) are scored, on the run's shared storage (local path or URI):
 
-        <run dir>/eval/step_NNNNNNN/<task>.running.json   claimed: pid, host, start time
-        <run dir>/eval/step_NNNNNNN/<task>.done.json      scored: TaskEval + eval run id
+        <run dir>/eval/step_NNNNNNN/<task>.queued.json    handed to an Evaluator: actor name, when, by whom
+        <run dir>/eval/step_NNNNNNN/<task>.running.json   claimed: actor, pid, host, start time, attempt
+        <run dir>/eval/step_NNNNNNN/<task>.done.json      scored: TaskEval + eval run id + attempts
         <run dir>/eval/step_NNNNNNN/<task>.csv, .png      the depth table and plot
+        <run dir>/eval/step_NNNNNNN/eval_run.json         the checkpoint's MLflow eval run and its status
 
     A done marker is written last (atomically on local storage) and only after MLflow holds the
-    results, so "done" never claims more than is stored; a restart scores exactly what has none.
+    results, so "done" never claims more than is stored; a restart scores exactly what has none. A
+    queued marker is written before the unit is handed to its actor, so whoever dispatches the unit
+    next sends it to the same actor (where it queues behind the first call) instead of scoring it
+    again elsewhere; a unit is in flight while it has a queued marker and no done marker.
     """
 
     def __init__(self, run_dir: str) -> None:
@@ -81,6 +91,37 @@ class EvalLedger:
     def running(self, step: int, task: str) -> dict[str, Any] | None:
         return self._read(self._path(step, f"{task}.running.json"))
 
+    def mark_queued(self, step: int, task: str, info: Mapping[str, Any]) -> None:
+        """Record that (step, task) is being handed to an Evaluator (`info["actor"]`: its name)."""
+        self._write(self._path(step, f"{task}.queued.json"), json.dumps(dict(info), indent=1).encode())
+
+    def queued(self, step: int, task: str) -> dict[str, Any] | None:
+        return self._read(self._path(step, f"{task}.queued.json"))
+
+    def clear_queued(self, step: int, task: str) -> None:
+        """Forget where (step, task) was handed (its call failed): the next dispatcher picks an actor afresh."""
+        path = self._path(step, f"{task}.queued.json")
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+    def in_flight(self, steps: Iterable[int], tasks: Sequence[str]) -> dict[tuple[int, str], dict[str, Any]]:
+        """The units of `steps` x `tasks` handed to an Evaluator and not scored yet: (step, task) ->
+        their queued marker."""
+        out = {}
+        for step in steps:
+            for task in tasks:
+                record = self.queued(step, task)
+                if record is not None and self.done(step, task) is None:
+                    out[(step, task)] = record
+        return out
+
+    def mark_eval_run(self, step: int, info: Mapping[str, Any]) -> None:
+        """Record the checkpoint's MLflow eval run (`run_id`, `trial_run_id`, `status`)."""
+        self._write(self._path(step, "eval_run.json"), json.dumps(dict(info), indent=1).encode())
+
+    def eval_run(self, step: int) -> dict[str, Any] | None:
+        return self._read(self._path(step, "eval_run.json"))
+
     def mark_done(self, step: int, task: str, record: Mapping[str, Any]) -> None:
         self._write(self._path(step, f"{task}.done.json"), json.dumps(dict(record), indent=1).encode())
 
@@ -119,10 +160,14 @@ def committed_checkpoints(run_dir: str) -> list[str]:
     applies no `num_to_keep`), those still waiting for their validation included, since Ray prunes
     none of those; the latest checkpoint is always among them. Ray rewrites the snapshot before it
     deletes anything, so a listed checkpoint is on storage. A run directory without a snapshot (not
-    written by Ray Train) falls back to the `step_*` directories holding a complete checkpoint."""
+    written by Ray Train) falls back to the `step_*` directories holding a complete checkpoint.
+
+    Safe to call while the run trains: Ray rewrites the snapshot in place and then deletes what it
+    pruned, so a read can see it half written or name a checkpoint deleted a moment later; such a
+    read is tried again (`SNAPSHOT_READ_ATTEMPTS`) before the error is raised."""
     fs, root = storage_filesystem(run_dir)
     if fs.get_file_info(f"{root}/{RAY_RUN_SNAPSHOT}").type == pafs.FileType.File:
-        result = ray.train.Result.from_path(root, storage_filesystem=fs)
+        result = _read_run_snapshot(root, fs)
         kept = [checkpoint for checkpoint, _ in result.best_checkpoints or []]
         if result.checkpoint is not None:
             kept.append(result.checkpoint)
@@ -134,3 +179,18 @@ def committed_checkpoints(run_dir: str) -> list[str]:
             if step_of(name) is not None and fs.get_file_info(f"{info.path}/{TASK_FILE}").type == pafs.FileType.File:
                 names.add(name)
     return sorted(names, key=lambda n: step_of(n) or -1)
+
+
+def _read_run_snapshot(root: str, fs: pafs.FileSystem) -> ray.train.Result:
+    logger = logging.getLogger(_RAY_SNAPSHOT_LOGGER)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))  # a dispatcher reads it every few seconds
+    try:
+        for attempt in range(1, SNAPSHOT_READ_ATTEMPTS):
+            try:
+                return ray.train.Result.from_path(root, storage_filesystem=fs)
+            except Exception:  # noqa: BLE001 - torn snapshot, pruned checkpoint: Ray raises several kinds
+                time.sleep(0.2 * attempt)
+        return ray.train.Result.from_path(root, storage_filesystem=fs)  # the last attempt raises
+    finally:
+        logger.setLevel(level)
