@@ -27,6 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 from stars.errors import UserError
 from stars.spec.job import SECTION_NAMES, JobSpec, cross_section_errors, fill_derived_defaults
 from stars.spec.problems import describe_errors, describe_value
+from stars.spec.redaction import is_secret_key
 from stars.spec.resolve import resolve_spec
 from stars.spec.schema import check_schema_path, format_path, set_path
 
@@ -197,11 +198,14 @@ def _apply_override_items(
     applied: list[tuple[tuple[str, ...], str]] = []
     problems: list[SpecProblem] = []
     for item in overrides:
-        source = f"--set {item}"
+        path, sep, _ = item.partition("=")
+        secret = bool(sep) and is_secret_key(path.strip().rsplit(".", 1)[-1])
+        source = f"--set {path}=<hidden>" if secret else f"--set {item}"  # never echo a secret's value
         try:
             keys, value = parse_override(item)
         except ValueError as exc:
-            problems.append(SpecProblem(file, "", None, str(exc), source))
+            message = "cannot read the value as YAML (hidden: the key looks secret)" if secret else str(exc)
+            problems.append(SpecProblem(file, "", None, message, source))
             continue
         node: Any = data
         blocked = None

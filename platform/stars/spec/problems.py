@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from stars.spec.redaction import is_secret_key
 from stars.spec.schema import Loc, did_you_mean, discriminated_members, field_members
 
 __all__ = ["describe_errors", "describe_value"]
@@ -105,8 +106,10 @@ def _friendly(err: Mapping[str, Any], where: _Where) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
-    got = describe_value(value)
     key = where.loc[-1] if where.loc else None
+    # A value under a secret-looking key (resources.env_vars.HF_TOKEN) is never echoed, not even
+    # as YAML read it (0123 -> 83).
+    got = "a value (hidden: the key looks secret)" if isinstance(key, str) and is_secret_key(key) else describe_value(value)
     if kind == "missing":
         return "missing item" if isinstance(key, int) else "required field is missing"
     if kind == "extra_forbidden":
