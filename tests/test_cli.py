@@ -124,13 +124,15 @@ def test_submit_calls_the_ray_backend_with_the_resolved_spec(monkeypatch):
     calls = []
     fake = types.ModuleType("stars.ray_backend.submit")
 
-    def fake_submit(spec, *, spec_path, address):
+    def fake_submit(spec, *, spec_path, address, ship_code, wait):
         calls.append((spec, spec_path, address))
         return "job-123"
 
     fake.submit = fake_submit
     monkeypatch.setitem(sys.modules, "stars.ray_backend.submit", fake)
-    result = runner.invoke(app, ["submit", str(ADDITION), "--address", "http://head:8265", "--set", "seed=5"])
+    # a remote cluster refuses relative paths (tests/ray_backend/test_cluster_jobs.py): a shared one
+    result = runner.invoke(app, ["submit", str(ADDITION), "--address", "http://head:8265", "--set", "seed=5",
+                                 "--set", "resources.storage_path=/mnt/shared/stars"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "job-123"
     ((spec, spec_path, address),) = calls

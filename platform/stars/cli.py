@@ -11,17 +11,16 @@ traceback); 1 anything else that failed.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from stars.errors import EXIT_USER_ERROR, UserError
-
-if TYPE_CHECKING:
-    from stars.spec import JobSpec
 
 
 class _StarsGroup(TyperGroup):
@@ -62,12 +61,6 @@ def _fail(lines: list[str] | str, code: int = EXIT_USER_ERROR) -> NoReturn:
     for line in [lines] if isinstance(lines, str) else lines:
         typer.echo(line, err=True)
     raise typer.Exit(code)
-
-
-def _load(path: Path, overrides: list[str]) -> JobSpec:
-    from stars.spec import load_spec
-
-    return load_spec(path, overrides)  # a SpecError is a UserError: exit 2 with every problem
 
 
 def _version(value: bool) -> None:
@@ -144,22 +137,50 @@ def submit(
         str | None,
         typer.Option(
             "--address",
-            help="Ray cluster to submit to (Ray Jobs API, e.g. http://head:8265); "
-            "default: run on a local Ray.",
+            help="Ray cluster to submit to: its Jobs API, the head's dashboard URL, e.g. http://head:8265 "
+            "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS when one is an http(s) URL, else an embedded "
+            "local Ray).",
         ),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and print the resolved spec; run nothing.")
+        bool, typer.Option("--dry-run", help="Validate and print the spec as it would run; run nothing.")
+    ] = False,
+    ship_code: Annotated[
+        bool,
+        typer.Option("--ship-code", help="Send this machine's `stars` package with the job (Ray py_modules); "
+                     "default: the cluster's image has stars installed."),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="With a cluster: follow the job's logs to its end; exit 0 when it "
+                     "SUCCEEDED, 1 when it FAILED or was STOPPED."),
     ] = False,
 ) -> None:
-    """Validate a job spec and run it on Ray (locally, or on the cluster at --address)."""
-    spec = _load(file, overrides)
-    from stars.spec import resolved_yaml, spec_warnings
+    """Validate a job spec and run it on Ray: embedded here, or on the cluster at --address.
 
-    for warning in spec_warnings(spec, address):
+    The spec is resolved where the job runs: here for an embedded run or a head on this machine
+    (127.0.0.1), on the cluster for a remote one, which refuses relative paths and local MLflow
+    stores before anything is sent (exit 2)."""
+    from stars.ray_backend.jobs_api import is_loopback_address, jobs_address
+    from stars.spec import load_spec, resolved_yaml, spec_warnings
+
+    target = jobs_address(address, required=False)
+    remote = target is not None and not is_loopback_address(target)
+    spec = load_spec(file, overrides, resolve=not remote)  # a SpecError is a UserError: exit 2
+    if remote:
+        from stars.ray_backend.cluster_spec import check_remote_spec
+
+        check_remote_spec(spec, target)
+    for warning in spec_warnings(spec, target if remote else None):
         typer.echo(f"{file}: warning: {warning}", err=True)
     if dry_run:
-        typer.echo(resolved_yaml(spec, redact=True), nl=False)  # printed: never show secret values
+        if target is None:
+            typer.echo(resolved_yaml(spec, redact=True), nl=False)  # printed: never show secret values
+            return
+        from stars.ray_backend.submit import ENTRYPOINT, spec_for_upload
+
+        typer.echo(resolved_yaml(spec_for_upload(spec), redact=True), nl=False)
+        typer.echo(f"(dry run: would submit `{ENTRYPOINT}` with this spec to {target})", err=True)
         return
     try:
         from stars.ray_backend.submit import submit as ray_submit
@@ -167,11 +188,164 @@ def submit(
         if exc.name not in ("stars.ray_backend", "stars.ray_backend.submit"):
             raise
         _fail("starsctl submit: the Ray backend (stars.ray_backend.submit) is not installed", code=1)
-    result = ray_submit(spec, spec_path=file, address=address)
+    with _cluster_failures():
+        result = ray_submit(spec, spec_path=file, address=target, ship_code=ship_code, wait=wait)
     if isinstance(result, str):  # submitted to a cluster: how to follow it
         typer.echo(result)
-    elif result:  # ran here; a trial failed (the job printed which and why)
+    elif result:  # a trial failed here, or the followed cluster job did not succeed
         raise typer.Exit(result)
+
+
+# `starsctl status | logs | stop | list`: a cluster's jobs through the Ray Jobs API (stars.ray_backend.jobs_api).
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", help="The cluster's Jobs API (the head's dashboard URL, e.g. http://head:8265); "
+                 "default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS."),
+]
+JobIdArgument = Annotated[str, typer.Argument(help="The job's submission id (starsctl list).", show_default=False)]
+
+
+@contextmanager
+def _cluster_failures() -> Iterator[None]:
+    """A failure the cluster answered with (`ClusterError`): one line, exit code 1. Problems the user can
+    fix (address, token, job id) are `UserError`s: exit 2."""
+    from stars.ray_backend.jobs_api import ClusterError
+
+    try:
+        yield
+    except ClusterError as exc:
+        _fail(f"starsctl: {exc}", code=1)
+
+
+def _jobs_api(address: str | None):  # noqa: ANN202 - JobsApi, imported lazily
+    from stars.ray_backend.jobs_api import JobsApi, jobs_address
+
+    return JobsApi(jobs_address(address, required=True))
+
+
+def _write_raw(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+@app.command("status")
+def job_status(job_id: JobIdArgument, address: AddressOption = None) -> None:
+    """A cluster job's status, spec name and hash, git sha, times and dashboard URL."""
+    from stars.ray_backend.jobs_api import status_table
+
+    with _cluster_failures():
+        api = _jobs_api(address)
+        typer.echo(status_table(api.job(job_id), api.address))
+
+
+@app.command()
+def logs(
+    job_id: JobIdArgument,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    address: AddressOption = None,
+) -> None:
+    """A cluster job's logs (driver and workers), or with --follow the logs as they come."""
+    with _cluster_failures():
+        api = _jobs_api(address)
+        if follow:
+            final = api.follow(job_id, write=_write_raw)
+            typer.echo(f"job {job_id} {final.status}", err=True)
+        else:
+            _write_raw(api.logs(job_id))
+
+
+@app.command()
+def stop(
+    job_id: JobIdArgument,
+    address: AddressOption = None,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the job to end.")] = 60.0,
+) -> None:
+    """Stop a cluster job (SIGTERM, then SIGKILL); its committed checkpoints stay and a resubmit resumes."""
+    with _cluster_failures():
+        api = _jobs_api(address)
+        if not api.stop(job_id):
+            typer.echo(f"job {job_id} had already ended: {api.job(job_id).status}")
+            return
+        view = api.wait(job_id, timeout_s=timeout)
+        if not view.terminal:
+            _fail(f"starsctl stop: asked {job_id} to stop; still {view.status} after {timeout:g} s", code=1)
+        typer.echo(f"job {job_id} {view.status}")
+
+
+@app.command("list")
+def list_jobs(address: AddressOption = None) -> None:
+    """The cluster's jobs: id, status, spec name and hash, start time, duration."""
+    from stars.ray_backend.jobs_api import jobs_table
+
+    with _cluster_failures():
+        api = _jobs_api(address)
+        typer.echo(jobs_table(api.jobs(), api.address))
+
+
+# `starsctl cluster up | down | status`: a Ray head on this machine (stars.ray_backend.local_cluster).
+cluster_app = typer.Typer(
+    help="A Ray head on this machine (dashboard on 127.0.0.1, token auth on) to submit jobs to.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(cluster_app, name="cluster")
+TempDirOption = Annotated[
+    Path | None,
+    typer.Option("--temp-dir", help="The head's Ray temp dir, which also holds its state file "
+                 "(default: <tmp>/stars-ray-<uid>)."),
+]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs the head offers (default: all).")] = None,
+    dashboard_port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the dashboard / Jobs API.")] = 8265,
+    temp_dir: TempDirOption = None,
+) -> None:
+    """Start a Ray head here and print the commands to use it."""
+    from stars.ray_backend.local_cluster import next_steps, start_head
+
+    typer.echo(next_steps(start_head(temp_dir, num_cpus=num_cpus, dashboard_port=dashboard_port)))
+
+
+@cluster_app.command("down")
+def cluster_down(
+    temp_dir: TempDirOption = None,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+) -> None:
+    """End the head `cluster up` started: its recorded processes and their children, nothing else."""
+    from stars.ray_backend.local_cluster import default_temp_dir, stop_head
+
+    head, pids = stop_head(temp_dir, grace_s=grace)
+    if head is None:
+        typer.echo(f"no head started by starsctl is recorded in {temp_dir or default_temp_dir()}")
+    elif pids:
+        typer.echo(f"stopped the head at {head.dashboard_url}: {len(pids)} processes ended")
+    else:
+        typer.echo(f"the head at {head.dashboard_url} had already ended; forgot it")
+
+
+@cluster_app.command("status")
+def cluster_status(temp_dir: TempDirOption = None) -> None:
+    """Whether the head `cluster up` started is up (exit 0) or not (exit 1)."""
+    import time
+
+    from stars.ray_backend.local_cluster import default_temp_dir, head_status
+
+    head, alive, answers = head_status(temp_dir)
+    if head is None:
+        _fail(f"no head started by starsctl is recorded in {temp_dir or default_temp_dir()} "
+              "(`starsctl cluster up` starts one)", code=1)
+    state = f"up ({alive} processes)" if alive else "down (no process left)"
+    rows = [("head", state if answers or not alive else f"{state}, dashboard not answering"),
+            ("dashboard", head.dashboard_url), ("temp dir", f"{head.temp_dir} (logs: session_latest/logs)"),
+            ("cpus", str(head.num_cpus or "all")),
+            ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(head.started)))]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key.ljust(width)}  {value}")
+    if not (alive and answers):
+        raise typer.Exit(1)
 
 
 # `starsctl eval` and `starsctl compare`: heavy imports (torch, mlflow) inside the command bodies.

@@ -81,7 +81,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
             result.outcomes = run_sweep(spec, trials, runner, console=console)
     except BaseException:
         if tracker:
-            tracker.end(job_run, "FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+            # Ctrl-C, or a stop: `ray.init` turns SIGTERM (`starsctl stop`) into SystemExit.
+            stopped = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
+            tracker.end(job_run, "KILLED" if stopped else "FAILED")
         raise
     finally:
         if evaluation:

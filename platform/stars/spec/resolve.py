@@ -21,7 +21,7 @@ What `spec_hash` covers (`COMPUTING_FIELDS`, minus the carve-outs in `NON_COMPUT
 | `name`, `experiment`, `description`, `tracking` | no | they name the job or say where it is logged |
 | `eval` | no | evaluation reads checkpoints; it never changes training |
 | `sweep` | no | a trial's spec has its point applied already (its sweep is empty) |
-| the rest of `resources` | no | where and with how much hardware it runs (storage, CPUs/GPUs per worker, accelerator type, custom resources, placement, restarts, env vars) |
+| the rest of `resources` | no | where and with how much hardware it runs (storage, CPUs/GPUs per worker, accelerator type, custom resources, placement, restarts, env vars and forwarded env var names) |
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ NON_COMPUTING_FIELDS: tuple[str, ...] = (
     "resources.storage_path",
     "resources.max_failures",
     "resources.env_vars",
+    "resources.forward_env",
 )
 
 

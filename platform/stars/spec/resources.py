@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -15,6 +16,7 @@ DEFAULT_STORAGE_PATH = "./stars_runs"
 #: Largest amount of one custom Ray resource a worker or evaluator may ask for.
 MAX_CUSTOM_RESOURCE = 1e9
 CustomResource = Annotated[Float, Field(ge=0, le=MAX_CUSTOM_RESOURCE)]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ResourcesSpec(Section):
@@ -45,6 +47,14 @@ class ResourcesSpec(Section):
     """Environment variables set on the driver and every worker (Ray runtime_env). Values whose
     names look secret (token, password, secret, key) are never logged to MLflow nor printed by
     `--dry-run`/`--show`."""
+    forward_env: list[str] = Field(default_factory=list)
+    """Names of environment variables whose values `starsctl submit` reads from the submitting
+    shell, e.g. `[HF_TOKEN, MLFLOW_TRACKING_TOKEN]`: the way to give a cluster job a secret. Only
+    the names are in the spec; the values travel in the Ray job's runtime env (`env_vars`, inherited
+    by the driver and every worker), never in the uploaded spec, MLflow params or printed output.
+    Ray shows a job's runtime env, values included, to anyone who can open the cluster's dashboard,
+    and writes it to the head's Ray logs.
+    A name that is not set when submitting is an error."""
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesSpec:
@@ -72,5 +82,14 @@ class ResourcesSpec(Section):
             )
         if not self.storage_path.strip():
             errors.append(cross_error(("storage_path",), "must not be empty", self.storage_path))
+        for i, name in enumerate(self.forward_env):
+            if not _ENV_NAME.fullmatch(name):
+                errors.append(cross_error(("forward_env", i), "must be an environment variable name "
+                                          "(letters, digits, _; not starting with a digit)", name))
+            elif name in self.env_vars:
+                errors.append(cross_error(("forward_env", i), "is also set in resources.env_vars; "
+                                          "give it in one of the two", name))
+        if len(set(self.forward_env)) != len(self.forward_env):
+            errors.append(cross_error(("forward_env",), "names a variable twice", self.forward_env))
         raise_all("ResourcesSpec", errors)
         return self
