@@ -303,3 +303,20 @@ def test_a_hub_id_is_fetched_into_the_hub_cache(monkeypatch, tmp_path):
     assert "*.safetensors" in calls[0][1] and "*.py" not in calls[0][1]  # never remote code
     with pytest.raises(PretrainedModelError, match=r"'nobody/none' is not a local directory and could not be fetched"):
         load_pretrained("nobody/none")
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp", "fd"])
+def test_jsrr_on_ouros_map_equals_the_explicit_jacobian(model, mode):
+    """JSRR runs on Ouro's Phi(h) = norm(layers(h)) (loop norm inside the block) as on any LoopLM:
+    ||J^T v||^2 (vjp) or ||J v||^2 (jvp, fd) against the explicit Jacobian, in float64."""
+    from stars.objective import jsrr_penalty, random_unit_like
+
+    m = load_ouro(OURO_TINY).double().eval()
+    ids = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    run = m.run_loop(ids, depth=3)
+    h, f = run.h.detach(), m.block_fn(run)
+    J = torch.autograd.functional.jacobian(f, h).reshape(h.numel(), h.numel())
+    v = random_unit_like(h, torch.Generator().manual_seed(7)).reshape(-1)
+    want = float(((J.T if mode == "vjp" else J) @ v).pow(2).sum())
+    got = float(jsrr_penalty(f, h, mode, 1, torch.Generator().manual_seed(7)))
+    assert want > 1e-3 and got == pytest.approx(want, rel=1e-6 if mode != "fd" else 1e-4)
