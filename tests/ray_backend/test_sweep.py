@@ -4,6 +4,7 @@ the sweep's table on the parent run, resume of unfinished trials only, and failu
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -49,16 +50,55 @@ def test_four_trials_two_at_a_time_then_resume_only_the_unfinished(ray_cluster, 
         assert [r["trial"] for r in csv.DictReader(f)] == [o.key for o in result.outcomes]
     assert "trials/t003/addition/peak_acc" in client.get_run(result.job_run_id).data.metrics
 
-    # Two trials "interrupted" (their done markers gone) and the job submitted again with an eval-only
-    # change (same run directories): only those two run again, from their checkpoints, into the same
-    # MLflow runs; the finished ones are skipped.
-    for outcome in result.outcomes[2:]:
-        (tmp_path / outcome.run_dir / TRIAL_DONE).unlink()
+
+def test_an_interrupted_sweep_resubmitted_runs_only_the_unfinished_trials(ray_cluster, tiny_spec, tmp_path):
+    """A real interrupt: `starsctl submit` in its own process (joined to the test's Ray) gets Ctrl-C
+    once two of four trials are done, and is killed if it lingers. Submitting the job again (with an
+    eval-only change: same run directories) runs only the other two, from their checkpoints, into the
+    same MLflow runs; no run is duplicated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stars.ray_backend.sweep import trial_run_dir
+    from stars.spec import resolved_yaml, sweep_trials
+
+    spec = tiny_spec(**{
+        "train.max_steps": 8, "train.checkpoint_every": 4, "train.warmup_steps": 1,
+        "sweep.grid": {"stars.jsrr.weight": [0.0, 0.05, 0.1, 0.2]}, "sweep.max_concurrent_trials": 1,
+    })
+    (tmp_path / "sweep.yaml").write_text(resolved_yaml(spec))
+    done = [tmp_path / trial_run_dir(t) / TRIAL_DONE for t in sweep_trials(spec)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "stars.cli", "submit", "sweep.yaml"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while sum(p.exists() for p in done) < 2 and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert sum(p.exists() for p in done) == 2, driver.stderr.read()[-3000:] if driver.poll() is not None else ""
+    driver.send_signal(signal.SIGINT)  # Ctrl-C
+    try:
+        driver.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a driver that does not stop on Ctrl-C is killed
+        driver.kill()
+        driver.wait()
+    assert driver.returncode != 0
+    assert [p.exists() for p in done] == [True, True, False, False]
+
     resumed = run_job(apply_overrides(spec, {"eval.limit": 16}), **QUIET)
     assert [o.status for o in resumed.outcomes] == ["skipped", "skipped", "finished", "finished"]
-    assert [o.run_dir for o in resumed.outcomes] == [o.run_dir for o in result.outcomes]
-    assert resumed.job_run_id == result.job_run_id
-    assert len(_children(client, result.job_run_id)) == 4
+    assert all(p.exists() for p in done)
+    client = MlflowClient(spec.tracking.uri)
+    experiment = client.get_experiment_by_name(spec.experiment or spec.name)
+    jobs = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'job'")
+    assert len(jobs) == 1 and jobs[0].info.run_id == resumed.job_run_id  # the same job run, resumed
+    children = _children(client, resumed.job_run_id)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:  # every trial trained to the end, each step logged once
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == sorted(set(steps)) and max(steps) == 8, (child.info.run_name, steps)
 
 
 def test_a_diverging_trial_fails_alone_with_its_reason(ray_cluster, tiny_spec):
@@ -102,3 +142,32 @@ def test_the_sweep_table_quotes_trial_keys_with_commas():
     rows = [{"trial": "t003-type=rmsnorm,weight=0.1", "status": "finished", "1": None, "2": 0.5}]
     parsed = list(csv.DictReader(_csv(rows).splitlines()))
     assert parsed == [{"trial": "t003-type=rmsnorm,weight=0.1", "status": "finished", "1": "", "2": "0.5"}]
+
+
+def test_asha_stops_the_trials_that_lag_and_the_job_still_succeeds(ray_cluster, tiny_spec):
+    """Trials run one at a time, the good learning rate first: when the bad ones reach the first rung
+    their loss is worse than the good ones' there, so ASHA stops them; their runs end KILLED with the
+    reason, and a stopped trial is not a failure."""
+    spec = tiny_spec(**{
+        "train.max_steps": 8, "train.checkpoint_every": 2, "train.warmup_steps": 0, "train.schedule": "constant",
+        "stars.jsrr.weight": 0.0, "eval.tasks": [],
+        "sweep.grid": {"train.lr": [3e-3, 1e-7]}, "sweep.seeds": [0, 1],  # t000, t001: 3e-3; t002, t003: 1e-7
+        "sweep.max_concurrent_trials": 1,
+        "sweep.early_stop": {"metric": "train/loss", "mode": "min", "grace_period": 2, "reduction_factor": 2},
+    })
+    result = run_job(spec, **QUIET)
+    status = {o.key: o for o in result.outcomes}
+    assert not result.failed
+    good = [o for k, o in status.items() if "lr=0.003" in k]
+    bad = [o for k, o in status.items() if "lr=1e-07" in k]
+    assert {o.status for o in good} == {"finished"}
+    assert {o.status for o in bad} == {"stopped"}, [(o.key, o.status) for o in result.outcomes]
+    assert all(o.reason == "stopped early by ASHA on train/loss" for o in bad)
+    client = MlflowClient(spec.tracking.uri)
+    runs = {c.data.tags["stars.trial"]: c for c in _children(client, result.job_run_id)}
+    for o in bad:
+        assert runs[o.key].info.status == "KILLED" and runs[o.key].data.tags["stars.failure"] == o.reason
+        assert not (Path(o.run_dir) / TRIAL_DONE).exists()  # not finished: a resubmission runs it again
+    for o in good:
+        assert (Path(o.run_dir) / TRIAL_DONE).exists()
+    assert client.get_run(result.job_run_id).info.status == "FINISHED"

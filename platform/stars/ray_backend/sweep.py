@@ -208,15 +208,22 @@ def run_sweep(
         _console(f"[stars] trial {trial.key} started")
         outcome = runner.run(trial, callbacks=[TuneReportCallback()])
         _console(f"[stars] trial {trial.key} finished in {outcome.seconds:.0f} s")
-        return {"stars/finished": 1}
+        # The final result repeats the last report's metrics: Tune checks that every result carries
+        # the scheduler's metric.
+        last = outcome.result.metrics if outcome.result is not None else {}
+        numeric = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {**numeric, "stars/finished": 1}
 
     stop = spec.sweep.early_stop
     scheduler = None
-    if stop is not None:  # one Tune iteration per report: ASHA's horizon is the longest trial's reports
+    if stop is not None:
+        # One Tune iteration per report. ASHA's horizon lies one report past the longest trial's last:
+        # at max_t ASHA stops a trial itself, which would kill the trainable while its trial is still
+        # finishing (final scoring, done marker) and leave the next trial waiting for resources.
         scheduler = tune.schedulers.ASHAScheduler(
             metric=stop.metric, mode=stop.mode, grace_period=stop.grace_period,
             reduction_factor=stop.reduction_factor, time_attr="training_iteration",
-            max_t=max(stop.grace_period, *(_reports(t.spec) for t in todo)),
+            max_t=max(stop.grace_period, *(_reports(t.spec) for t in todo)) + 1,
         )
     first = todo[0].spec
     tuner = tune.Tuner(
@@ -226,7 +233,11 @@ def run_sweep(
         param_space={"trial": tune.grid_search([t.index for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler,
-            reuse_actors=True,  # one trainable process per concurrent slot: no torch import per trial
+            # A fresh trainable process per trial. Reuse saves ~1 s of imports, but Tune can reuse a
+            # function trainable only when its thread ends within 2 s of the result; a trial's
+            # TorchTrainer teardown often takes longer, the reset fails, and Ray 2.60's Tune then
+            # left the next trial pending forever (seen with max_concurrent_trials 1 and ASHA).
+            reuse_actors=False,
             trial_name_creator=lambda tr: by_index[tr.config["trial"]].key,
             trial_dirname_creator=lambda tr: by_index[tr.config["trial"]].key,
         ),
