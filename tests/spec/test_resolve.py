@@ -88,7 +88,9 @@ def test_warnings_for_likely_mistakes(spec_of):
     local = resolve_spec(spec_of(), cwd="/tmp")
     warnings = spec_warnings(local, address="http://head:8265")
     assert any("resources.storage_path" in w for w in warnings)
-    assert any("tracking.uri" in w for w in warnings)
+    assert any("tracking.uri" in w and "local to the machine" in w for w in warnings)
+    unset = spec_warnings(spec_of(), address="http://head:8265")  # not resolved: the cluster's env decides
+    assert any("tracking.uri is not set" in w and "$MLFLOW_TRACKING_URI" in w for w in unset)
     assert spec_warnings(local) == []
 
 
@@ -140,6 +142,7 @@ NON_COMPUTING_CHANGES = {
     "resources.storage_path": "s3://bucket/elsewhere",
     "resources.max_failures": 5,
     "resources.env_vars": {"HF_TOKEN": "x"},
+    "resources.forward_env": ["HF_TOKEN"],
     "resources.cpus_per_worker": 2.0,
     "resources.resources_per_worker": {"label": 1.0},
     "resources.placement_strategy": "SPREAD",

@@ -207,10 +207,15 @@ def spec_warnings(spec: JobSpec, address: str | None = None) -> list[str]:
             f"to {address}: every node of a multi-node cluster must see it (shared filesystem or s3://...)"
         )
     uri = spec.tracking.uri or ""
-    if remote and spec.tracking.enabled and (uri == "" or is_local_store(uri)):
+    if remote and spec.tracking.enabled and uri == "":
         out.append(
-            f"tracking.uri {uri or '(default local store)'!r} is local to the machine the job runs on; "
-            "give a tracking server URI to see the runs from here"
+            "tracking.uri is not set: the job reports to the cluster's $MLFLOW_TRACKING_URI (and is refused "
+            "there when that is unset); name your tracking server to be sure where the runs go"
+        )
+    elif remote and spec.tracking.enabled and is_local_store(uri):
+        out.append(
+            f"tracking.uri {uri!r} is local to the machine the job runs on; give a tracking server URI "
+            "to see the runs from here"
         )
     if spec.model.dtype != "float32" and spec.train.lr < 1e-4:
         out.append(
