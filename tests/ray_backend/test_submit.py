@@ -31,6 +31,9 @@ def test_starsctl_submit_runs_the_job_into_the_local_store(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[stars] job 'tiny-submit' done" in proc.stdout
+    # the job ends with its final depth curve, as `starsctl compare` shows it
+    table = proc.stdout[proc.stdout.index("addition/acc by depth"):].splitlines()
+    assert table[1].split()[:5] == ["run", "1", "2", "3", "4"] and table[2].startswith("tiny-submit@30 ")
     assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "stars_runs").glob("tiny-submit-*/step_0000030"))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-submit")

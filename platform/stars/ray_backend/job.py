@@ -60,7 +60,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     start = time.perf_counter()
     spec = resolve_spec(spec)
     tracker = Tracker.from_spec(spec) if spec.tracking.enabled else None
-    ensure_ray(address)
+    ensure_ray(address, job_name=spec.name, console=console)
     job_run = tracker.start_job(spec) if tracker else None
     if tracker:
         console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")
@@ -88,13 +88,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     finally:
         if evaluation:
             evaluation.stop()
+    from stars.ray_backend.sweep_report import final_curves, final_tables, log_sweep_report
+
+    curves = final_curves(spec, trials, result.outcomes)
     if tracker:
         if len(result.outcomes) > 1:
-            from stars.ray_backend.sweep_report import log_sweep_report
-
             log_sweep_report(tracker, job_run, spec, trials, result.outcomes)
         tracker.end(job_run, "FAILED" if result.failed else "FINISHED")
     result.wall_seconds = time.perf_counter() - start
+    for table in final_tables(curves):  # the final depth curves, as `starsctl compare` shows them
+        console(table)
     for line in outcome_lines(result, spec.name):
         console(line)
     return result

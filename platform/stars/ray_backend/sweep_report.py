@@ -90,6 +90,24 @@ def _csv(rows: Sequence[dict[str, object]]) -> str:
     return out.getvalue()
 
 
+def final_tables(curves: Sequence[FinalCurve]) -> list[str]:
+    """The trials' final depth curves as `starsctl compare` prints them, one table per task: what the
+    job prints when it ends."""
+    from stars.compare import Comparison, DepthCurve, format_table
+
+    tables = []
+    for task in dict.fromkeys(c.task for c in curves):
+        rows = [
+            DepthCurve(f"{c.trial.key if c.trial.assignments else c.trial.spec.name}@{c.step}", "", None, c.step,
+                       c.acc, c.summary)
+            for c in curves if c.task == task and c.acc
+        ]
+        if rows:
+            depths = sorted({d for r in rows for d in r.acc})
+            tables.append(format_table(Comparison(task, rows, depths, skipped=[])))
+    return tables
+
+
 def log_sweep_report(
     tracker: Tracker, job_run_id: str, spec: JobSpec, trials: Sequence[Trial], outcomes: Sequence[TrialOutcome]
 ) -> list[FinalCurve]:
