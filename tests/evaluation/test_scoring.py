@@ -150,3 +150,13 @@ def test_generation_reports_progress_per_batch(math_ckpt, gsm8k_file):
     generate_depths(loaded.model, prompts, [1, 2], 4, batch_size=2, progress=lambda d, n: seen.append((d, n)))
     n = len(prompts)
     assert seen == [(min(i + 2, n), n) for i in range(0, n, 2)]
+
+
+def test_math_scoring_logs_progress_with_rate_and_eta(math_ckpt, gsm8k_file):
+    from stars.evaluation import evaluate_task
+
+    lines = []
+    evaluate_task(load_checkpoint(math_ckpt, "cpu"), "gsm8k", [1, 2], rho_depths=(), batch_size=2,
+                  max_new_tokens=4, benchmark_path=str(gsm8k_file), console=lines.append)
+    assert lines and all("prompts/s, ETA" in line for line in lines)
+    assert lines[-1].split("generated ")[1].startswith("5/5 prompts")  # the fixture's 5 problems

@@ -381,8 +381,9 @@ def evaluate_task(
         def report(done: int, total: int) -> None:
             if console is not None:
                 rate = done / max(time.perf_counter() - start, 1e-9)
+                eta = (total - done) / rate if rate > 0 else float("inf")
                 console(f"[stars] {task} step {loaded.step}: generated {done}/{total} prompts at "
-                        f"{len(depths)} depths ({rate:.2f} prompts/s)")
+                        f"{len(depths)} depths ({rate:.2f} prompts/s, ETA {eta:.0f} s)")
 
         correct_lists, dyn, prompts = generative(
             entry, model, tokenizer, items, depths, budget, batch_size=batch_size,
