@@ -119,8 +119,12 @@ def _walk_nodes(
             key = key_node.value
             if key in seen:
                 problems.append((path + (key,), line, f"duplicate key {key!r} (first at line {seen[key]})"))
-                continue
-            seen[key] = line
+                # YAML keeps the last value of a repeated key: its problems are at the last one's lines
+                here = path + (key,)
+                for stale in [loc for loc in lines if loc[: len(here)] == here]:
+                    del lines[stale]
+            else:
+                seen[key] = line
             lines[path + (key,)] = line
             _walk_nodes(value_node, path + (key,), lines, problems)
     elif isinstance(node, yaml.SequenceNode):

@@ -30,6 +30,8 @@ class _Where:
     """The models the last element is a key of."""
     member: tuple[str, str] | None
     """(discriminator, tag) when that level is a union member, e.g. ("source", "ouro")."""
+    root: type[BaseModel]
+    """The model the location starts from (to find where a misplaced key belongs)."""
 
 
 def _clean_loc(root: type[BaseModel], loc: Loc) -> _Where:
@@ -64,7 +66,7 @@ def _clean_loc(root: type[BaseModel], loc: Loc) -> _Where:
             disc = getattr(field, "discriminator", None)
             nxt.extend(field_members(field.annotation))
         models = nxt or None
-    return _Where(tuple(out), allowed, owners, context)
+    return _Where(tuple(out), allowed, owners, context, root)
 
 
 def describe_value(value: Any) -> str:
@@ -91,11 +93,29 @@ def _unknown_key(where: _Where, key: str) -> str:
         if message:
             return message
     hint = did_you_mean(key, where.allowed or [])
+    if not hint:
+        here = ".".join(str(p) for p in where.loc)
+        elsewhere = [path for path in _field_paths(where.root, key) if path != here][:3]
+        if elsewhere:  # a key at the wrong level, e.g. `lr:` at the top instead of under `train:`
+            hint = f"; did you mean {' or '.join(repr(p) for p in elsewhere)}?"
     if not hint and where.allowed:
         hint = f" (allowed: {', '.join(where.allowed)})"
     if where.member:
         return f"unknown key for {where.member[0]} {where.member[1]!r}{hint}"
     return f"unknown key{hint}"
+
+
+def _field_paths(model: type[BaseModel], key: str, prefix: str = "") -> list[str]:
+    """Dotted paths of every field named `key` under `model` (its own fields first)."""
+    found: list[str] = []
+    nested: list[str] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if name == key:
+            found.append(path)
+        for member in field_members(field.annotation):
+            nested.extend(p for p in _field_paths(member, key, f"{path}.") if p not in nested)
+    return found + [p for p in nested if p not in found]
 
 
 _COMPARISONS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
