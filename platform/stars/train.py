@@ -43,6 +43,8 @@ class TrainHooks:
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. wrap in DDP
     report: Callable[[dict[str, float], str | None], None] = lambda metrics, ckpt_dir: None
     log_metrics: Callable[[dict[str, float], int], None] | None = None  # rank 0 only (MLflow)
+    # Rank 0 only, at every logged step, resumed steps included: live metrics (the Ray dashboard).
+    publish_metrics: Callable[[dict[str, float], int], None] | None = None
     last_logged_step: Callable[[], int] = lambda: 0  # metrics up to here are already in the store
     console: Callable[[str], None] = print
 
@@ -311,6 +313,8 @@ def train_loop(
             if worker.rank == 0:
                 if hooks.log_metrics is not None and done > logged_until:
                     hooks.log_metrics(metrics, done)
+                if hooks.publish_metrics is not None:
+                    hooks.publish_metrics(metrics, done)
                 hooks.console(
                     f"[stars] step {done}/{steps} depth {depth:2d} loss {metrics['train/loss']:.4f} "
                     f"ce {metrics['train/ce']:.4f} jsrr {metrics['train/jsrr']:.4f} lr {lr:.2e} "

@@ -36,7 +36,10 @@ the ledger (`eval_run.json`); later dispatchers log into that run, and the dispa
 Backlog. At the end of each validation the dispatcher prints `[stars] eval backlog: K checkpoints
 waiting (steps ...), M units in flight` and logs `eval/backlog` (committed checkpoints not fully
 scored) on the trial run at the checkpoint's training step; the validation returns it among its
-metrics. Evaluators count as idle from the trial's own ledger: the trials of a sweep share them, so
+metrics, and the trial's first evaluator publishes it as the live metric `stars_eval_backlog`
+(`stars.ray_backend.metrics`, beside each evaluator's units scored and seconds per unit). Validation
+and scoring tasks are named after the trial's Ray Train run (`validate <run>`, `score <run> step_N
+<task>`) in the dashboard's task table and log prefixes. Evaluators count as idle from the trial's own ledger: the trials of a sweep share them, so
 a trial's unit scored ahead may queue behind another trial's work (nothing is lost, only waits).
 
 Fault tolerance: actors restart without limit (`max_restarts=-1`) and Ray retries the call that was
@@ -70,9 +73,10 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.train import Checkpoint, ValidationConfig, ValidationTaskConfig
 
-from stars.checkpoint import LoadedCheckpoint, load_checkpoint, step_of
+from stars.checkpoint import LoadedCheckpoint, load_checkpoint, step_dir_name, step_of
 from stars.evaluation import DROP_DEPTHS, evaluate_task, write_task_artifacts
 from stars.ray_backend.ledger import EvalLedger, committed_checkpoints
+from stars.ray_backend.metrics import EvalMetrics
 from stars.spec import EvalSpec, JobSpec
 
 if TYPE_CHECKING:
@@ -126,6 +130,11 @@ class EvalContext:
             "actor_offset": self.actor_offset,
         }
 
+    @property
+    def trial(self) -> str:
+        """The trial's Ray Train run name (its run directory's name): the `trial` tag of its metrics."""
+        return os.path.basename(self.run_dir.rstrip("/"))
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvalContext:
         return cls(**{**data, "eval": EvalSpec.model_validate(data["eval"]), "actors": tuple(data["actors"])})
@@ -147,13 +156,15 @@ class EvalUnit:
     eval_run_id: str | None  # the checkpoint's `eval@step=N` MLflow run (None: no MLflow)
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"metrics": 1})
 class Evaluator:
     """Scores (checkpoint, task) units. Keeps the last checkpoint loaded, so the tasks of one
     checkpoint sent to the same actor load it once. Stateless otherwise: after a restart it simply
-    loads again."""
+    loads again. Publishes the job's evaluation metrics (`stars.ray_backend.metrics.EvalMetrics`);
+    `publish_backlog` runs in a concurrency group of its own, so it never waits behind a `score`
+    (which still run one at a time)."""
 
-    def __init__(self, name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int, job: str) -> None:
         import torch
 
         import stars.model  # noqa: F401 - import now, while training starts, not at the first checkpoint
@@ -161,12 +172,20 @@ class Evaluator:
 
         torch.set_num_threads(max(1, threads))
         self.name = name
+        self.metrics = EvalMetrics(job, name)
         self._key: str | None = None
         self._loaded: LoadedCheckpoint | None = None
         self._download: str | None = None
 
+    def __repr__(self) -> str:  # the dashboard's Repr column and the prefix of this actor's log lines
+        return getattr(self, "name", "Evaluator")
+
     def pid(self) -> int:
         return os.getpid()
+
+    @ray.method(concurrency_group="metrics")
+    def publish_backlog(self, trial: str, waiting: int) -> None:
+        self.metrics.set_backlog(trial, waiting)
 
     def _load(self, checkpoint: Checkpoint) -> LoadedCheckpoint:
         import pyarrow.fs as pafs
@@ -225,6 +244,7 @@ class Evaluator:
                   "actor": self.name, "pid": os.getpid(), "started": started, "finished": time.time(),
                   "attempts": attempts}
         ledger.mark_done(step, task, record)
+        self.metrics.unit_scored(ctx.trial, task, record["finished"] - started)
         return record
 
 
@@ -355,7 +375,8 @@ class Dispatcher:
         handed.calls += 1
 
     def _call(self, actor: str, checkpoint: Checkpoint, unit: EvalUnit) -> Any:
-        return _actor(actor, self.ctx.namespace).score.remote(checkpoint, unit)
+        name = f"score {unit.context.trial} {step_dir_name(unit.step)} {unit.task}"  # in the dashboard's task table
+        return _actor(actor, self.ctx.namespace).score.options(name=name).remote(checkpoint, unit)
 
     def send_own(self, checkpoint: Checkpoint, step: int, tasks: Sequence[str]) -> dict[str, _Handed]:
         """Hand out the missing `tasks` of the checkpoint at `step`: each one queued already to its
@@ -462,6 +483,10 @@ class Dispatcher:
         if backlog is None:
             return None
         _console(backlog.line())
+        try:  # set by one long-lived actor per trial (`stars.ray_backend.metrics`); not waited for
+            _actor(self.rotation[0], self.ctx.namespace).publish_backlog.remote(self.ctx.trial, len(backlog.waiting))
+        except Exception as exc:  # noqa: BLE001 - a metric is never worth failing a validation for
+            _console(f"[stars] eval: cannot publish the backlog metric ({exc!r})")
         if self.ctx.trial_run_id:
             trial = self.ctx.trial_run_id
             if step not in {s for s, _ in self.tracker.metric_history(trial, BACKLOG_METRIC)}:  # a retried validation
@@ -530,7 +555,8 @@ class EvaluationService:
             options["accelerator_type"] = res.accelerator_type
         if res.custom:
             options["resources"] = dict(res.custom)
-        self.actors = [Evaluator.options(name=n, **options).remote(n, int(res.cpus)) for n in self.names]
+        self.actors = [Evaluator.options(name=n, **options).remote(n, int(res.cpus), self.spec.name)
+                       for n in self.names]
         self._warn_if_cluster_too_small()
         return self
 
@@ -573,7 +599,8 @@ class EvaluationService:
         return ValidationConfig(
             fn=validate_checkpoint,
             task_config=ValidationTaskConfig(fn_kwargs=context.to_json()),
-            ray_remote_kwargs={"num_cpus": 0, "max_retries": 2},
+            # named after the trial in the dashboard's task table (Ray's default: run_validation_fn)
+            ray_remote_kwargs={"num_cpus": 0, "max_retries": 2, "name": f"validate {context.trial}"},
         )
 
     def finish_trial(

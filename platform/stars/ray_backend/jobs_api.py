@@ -43,12 +43,14 @@ __all__ = [
     "ClusterError",
     "JobView",
     "JobsApi",
+    "dashboard_lines",
     "dashboard_url",
     "exit_code_of",
     "is_loopback_address",
     "jobs_address",
     "jobs_table",
     "status_table",
+    "token_auth_requested",
     "token_problem",
     "token_source",
 ]
@@ -115,6 +117,19 @@ def dashboard_url(address: str, job_id: str | None = None) -> str:
     return f"{address}/#/jobs/{job_id}" if job_id else f"{address}/#/jobs"
 
 
+def dashboard_lines(address: str, *, token_auth: bool, job_id: str | None = None) -> list[str]:
+    """How to open the Ray dashboard at `address` (its job page with `job_id`), and with `token_auth`
+    how to log in: what every run prints (`starsctl submit` here or with --address, `starsctl cluster up`).
+    The dashboard asks a browser for the token once and keeps it in a cookie."""
+    lines = [f"Ray dashboard: {dashboard_url(address, job_id) if job_id else address}"]
+    if token_auth:
+        source = token_source()
+        where = f"`ray get-auth-token` prints it (it is in {source})" if source else (
+            "`ray get-auth-token` on the head prints it")
+        lines.append(f"Ray dashboard token: the dashboard asks for the cluster's auth token once per browser; {where}")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------- token
 def _readable(path: str | Path) -> bool:
     try:
@@ -134,6 +149,12 @@ def token_source() -> str | None:
     return TOKEN_FILE if _readable(TOKEN_FILE) else None
 
 
+def token_auth_requested() -> bool:
+    """Whether this process uses Ray's token auth (`RAY_AUTH_MODE=token`, which `ray.init` also sets
+    when the local Ray it starts has token auth on, the default in Ray 2.60)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
 def token_problem(address: str, *, refused: bool) -> str:
     """One line saying why the cluster at `address` turned the request down and what to set:
     `refused` = a token was sent and is not the cluster's, else none was sent."""
@@ -142,7 +163,7 @@ def token_problem(address: str, *, refused: bool) -> str:
     if refused:
         return f"{address} refused the Ray auth token from {source or 'this environment'}: it is not this " \
                f"cluster's token ({where})"
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    if not token_auth_requested():
         found = f"the token will be read from {source}" if source else (
             "and give the token in $RAY_AUTH_TOKEN, a file named by $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token")
         return f"{address} requires a Ray auth token: export RAY_AUTH_MODE=token ({found}; {where})"

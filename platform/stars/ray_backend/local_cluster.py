@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stars.errors import UserError
-from stars.ray_backend.jobs_api import dashboard_url, token_source
+from stars.ray_backend.jobs_api import dashboard_lines, token_source
 
 __all__ = [
     "DEFAULT_DASHBOARD_PORT",
@@ -89,8 +89,9 @@ def default_temp_dir() -> Path:
 
 
 def _processes() -> list[_Process]:
-    """Every process of this machine (`ps`, which Linux and macOS both have)."""
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,sess=,stat=,args="], capture_output=True, text=True,
+    """Every process of this machine (`ps`, which Linux and macOS both have). `-ww`: whole command lines
+    (`ps` may cut them to a terminal's width, e.g. under pytest, and the temp dir would be cut off)."""
+    out = subprocess.run(["ps", "-ww", "-A", "-o", "pid=,ppid=,sess=,stat=,args="], capture_output=True, text=True,
                          check=True).stdout
     procs = []
     for line in out.splitlines():
@@ -173,17 +174,26 @@ def _kill(pids: list[int], sig: int) -> None:
             pass
 
 
-def _end(head: LocalHead, procs: list[_Process], grace_s: float) -> list[int]:
-    """SIGTERM `procs`, SIGKILL what is left of them after `grace_s`; their pids."""
-    pids = [p.pid for p in procs]
-    _kill(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while alive := {p.pid for p in _processes() if not p.zombie} & set(pids):
-        if time.monotonic() > deadline:
+def _end(head: LocalHead, procs: list[_Process], grace_s: float, kill_wait_s: float = 10.0) -> list[int]:
+    """SIGTERM `procs`, SIGKILL what is left of them after `grace_s`, and return (their pids) once they
+    are gone or `kill_wait_s` after the SIGKILL. A process the head's session starts meanwhile (the
+    raylet starts workers while it stops) counts as one of them; the session counts only when `procs`
+    is not empty, i.e. the caller vouched for it."""
+    pids = {p.pid for p in procs}
+    _kill(sorted(pids), signal.SIGTERM)
+    deadline, killed_at = time.monotonic() + grace_s, None
+    while True:
+        live = [p for p in _processes() if not p.zombie]
+        if pids:
+            pids |= {p.pid for p in live if p.session == head.session}
+        alive = {p.pid for p in live} & pids
+        now = time.monotonic()
+        if not alive or (killed_at is not None and now > killed_at + kill_wait_s):
+            return sorted(pids)
+        if now > deadline:
             _kill(sorted(alive), signal.SIGKILL)
-            break
+            killed_at = killed_at if killed_at is not None else now
         time.sleep(0.5)
-    return pids
 
 
 def start_head(temp_dir: str | Path | None = None, *, num_cpus: int | None = None,
@@ -262,7 +272,6 @@ def head_status(temp_dir: str | Path | None = None) -> tuple[LocalHead | None, i
 
 def next_steps(head: LocalHead) -> str:
     """What `starsctl cluster up` prints: the exact commands to use the head."""
-    source = token_source() or "~/.ray/auth_token"
     return "\n".join([
         f"Ray head up on this machine: dashboard and Jobs API {head.dashboard_url} (127.0.0.1 only), token auth on",
         f"its processes are recorded in {head.state_file}; `starsctl cluster down` ends exactly those",
@@ -272,7 +281,5 @@ def next_steps(head: LocalHead) -> str:
         "  starsctl submit jobs/addition.yaml --wait",
         "  starsctl list",
         "",
-        f"the auth token is read from {source} (`ray get-auth-token` prints it; the dashboard in a browser asks "
-        "for it)",
-        f"jobs: {dashboard_url(head.dashboard_url)}",
+        *dashboard_lines(head.dashboard_url, token_auth=True),
     ])

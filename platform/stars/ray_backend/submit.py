@@ -52,12 +52,13 @@ def submit(spec: JobSpec, *, spec_path: str | Path | None = None, address: str |
         from stars.ray_backend.job import run_job
 
         return 1 if run_job(spec).failed else 0
-    from stars.ray_backend.jobs_api import JobsApi, dashboard_url, exit_code_of
+    from stars.ray_backend.jobs_api import JobsApi, dashboard_lines, exit_code_of, token_auth_requested
 
     forwarded_env(spec)  # user errors first, then the cluster (unreachable, token), then the git lookup
     api = JobsApi(address)
     job_id = submit_prepared(api, prepare_submission(spec, ship_code=ship_code))
-    lines = [f"submitted {job_id} to {address}", f"dashboard: {dashboard_url(address, job_id)}"]
+    lines = [f"submitted {job_id} to {address}",
+             *dashboard_lines(address, token_auth=token_auth_requested(), job_id=job_id)]
     if not wait:
         return "\n".join([*lines, f"follow:    starsctl logs --follow {job_id} --address {address}",
                           f"status:    starsctl status {job_id} --address {address}",
@@ -124,7 +125,8 @@ def prepare_submission(spec: JobSpec, *, ship_code: bool = False,
 
     env_vars = {**spec.resources.env_vars, **forwarded_env(spec, environ)}
     sha, dirty = git_info()
-    metadata = {"stars.name": spec.name, "stars.spec_hash": spec_hash(spec),
+    metadata = {"job_name": spec.name,  # the Name column of the dashboard's job list
+                "stars.name": spec.name, "stars.spec_hash": spec_hash(spec),
                 "stars.code": "shipped" if ship_code else "image"}
     if sha:
         metadata["stars.git_sha"] = sha

@@ -22,11 +22,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from stars.checkpoint import step_dir_name
 from stars.ray_backend.ledger import EvalLedger
+from stars.ray_backend.metrics import TrainMetrics
 from stars.spec import JobSpec, spec_hash
 from stars.train import TrainHooks, WorkerContext, train_loop
 
+#: Ray Train keeps each run's name, status and workers in its state actor, which the dashboard's Train
+#: API (`/api/train/v2/runs/v1`) serves, only when this is "1" in the process that calls `fit()`.
+TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class WorkerConfig:
     """What the driver hands every Ray Train worker of a trial (pickled into `train_loop_config`)."""
 
@@ -41,6 +46,11 @@ class WorkerConfig:
     run_dir: str | None = None
     """The run's directory on storage: rank 0 adds the latest scored checkpoint's eval summaries
     (`EvalLedger.latest_summary`) to each report, so Tune's schedulers can act on them."""
+
+    def __repr__(self) -> str:
+        # Ray Train's state shows the train_loop_config by its repr: the run, not the spec's values
+        # (its env_vars may hold secrets).
+        return f"WorkerConfig(run_dir={self.run_dir!r}, validate={self.validate})"
 
 
 @dataclass
@@ -100,6 +110,7 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
         return max((s for s, _ in history), default=0)
 
     eval_tasks = list(spec.eval.tasks or []) if config.validate and config.run_dir and rank == 0 else []
+    live = TrainMetrics(spec.name, ctx.get_experiment_name()) if rank == 0 else None
 
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         name = step_dir_name(metrics["step"])
@@ -120,6 +131,7 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
         ),
         report=report,
         log_metrics=(lambda metrics, step: tracker.log_train_step(run_id, step, metrics)) if tracker else None,
+        publish_metrics=live.publish if live else None,
         last_logged_step=last_logged,
         # Ray Train V2 tees print() when a library wrapped sys.stdout (twice the lines); the raw stream
         # reaches the driver once.
@@ -148,6 +160,7 @@ def run_trial(
     """Train one spec on Ray Train and wait for it. The spec must be resolved (absolute paths).
     `callbacks`: Ray Train callbacks (a sweep passes Tune's `TuneReportCallback`)."""
     name = run_name_for(spec, trial_key)
+    os.environ.setdefault(TRAIN_STATE_TRACKING, "1")  # the run by name in Ray's state; "0" turns it off
     config = WorkerConfig(
         spec=spec.model_dump(mode="json"),
         run_id=run_id,
