@@ -10,9 +10,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the whole session (4 logical CPUs: 2 training workers + driver-side actors).
+    """One local Ray per test module (4 logical CPUs: 2 training workers + driver-side actors).
+
+    Per module, not per session: a run whose driver a test kills on purpose (tests/ray_backend/
+    test_sweep.py) can leave Ray Train's bookkeeping behind, and after many modules a later job's
+    controller waited forever for resources; a fresh Ray per module costs ~10 s each.
 
     The dashboard stays on (bound to 127.0.0.1): without it Ray's state API fails, and Ray Train's
     placement-group cleaner can take that failure for a dead controller and tear down a live run."""
