@@ -93,7 +93,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     curves = final_curves(spec, trials, result.outcomes)
     if tracker:
         if len(result.outcomes) > 1:
-            log_sweep_report(tracker, job_run, spec, trials, result.outcomes)
+            log_sweep_report(tracker, job_run, spec, curves)  # read once, printed below too
         tracker.end(job_run, "FAILED" if result.failed else "FINISHED")
     result.wall_seconds = time.perf_counter() - start
     for table in final_tables(curves):  # the final depth curves, as `starsctl compare` shows them

@@ -108,13 +108,11 @@ def final_tables(curves: Sequence[FinalCurve]) -> list[str]:
     return tables
 
 
-def log_sweep_report(
-    tracker: Tracker, job_run_id: str, spec: JobSpec, trials: Sequence[Trial], outcomes: Sequence[TrialOutcome]
-) -> list[FinalCurve]:
-    """Write the sweep's table, overlay plots and per-trial summary metrics onto the job run."""
-    curves = final_curves(spec, trials, outcomes)
+def log_sweep_report(tracker: Tracker, job_run_id: str, spec: JobSpec, curves: Sequence[FinalCurve]) -> None:
+    """Write the sweep's table, overlay plots and per-trial summary metrics (`final_curves`) onto the
+    job run."""
     if not curves:
-        return curves
+        return
     tracker.log_text(job_run_id, _csv(depth_table_rows(curves)), "sweep/depth_curves.csv")
     metrics = {
         f"trials/t{c.trial.index:03d}/{c.task}/{k}": c.summary[f"{c.task}/{k}"]
@@ -129,4 +127,3 @@ def log_sweep_report(
                 png = plot_depth_curves(lines, Path(tmp) / f"{task}_depth_curves.png",
                                         title=f"{spec.name}: {task}, final checkpoint of each trial")
                 tracker.log_artifact(job_run_id, png, "sweep")
-    return curves
