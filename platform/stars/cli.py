@@ -495,5 +495,28 @@ def compare(
         typer.echo(f"wrote {png}")
 
 
+@app.command()
+def sync(
+    path: Annotated[Path, typer.Argument(help="A run directory (or a job's storage) holding tracking/ journals.",
+                                         show_default=False)],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Send to this MLflow instead of the URI each journal was written for.")
+    ] = None,
+) -> None:
+    """Send training metrics that MLflow did not take while it was down (kept on disk in the run's
+    tracking/ journal) to their runs. Safe to repeat: a step already in MLflow is not stored twice.
+    Exit 1 when a server is still unreachable."""
+    from stars.tracking.outbox import SyncError, sync_journals
+
+    try:
+        outcomes = sync_journals(path, tracking_uri)
+    except SyncError as exc:
+        _fail(f"starsctl sync: {exc}")
+    for outcome in outcomes:
+        typer.echo(outcome.line)
+    if any(o.error for o in outcomes):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

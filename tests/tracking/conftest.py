@@ -180,17 +180,17 @@ class MlflowServer:
 
 @contextmanager
 def running_mlflow_server(
-    args_for_port: Callable[[int], list[str]], env: dict[str, str], log_path: Path
+    args_for_port: Callable[[int], list[str]], env: dict[str, str], log_path: Path, port: int | None = None
 ) -> Iterator[str]:
     """`mlflow server ARGS` in its own process group, where `args_for_port(port)` names the stores and
-    serves on 127.0.0.1 at `port` (a free one); yields its URL once /health answers, and stops that
-    group on exit."""
-    port = free_port()
+    serves on 127.0.0.1 at `port` (default: a free one; a restarted server passes its old one); yields
+    its URL once /health answers, and stops that group on exit."""
+    port = port or free_port()
     env = {**os.environ, **env,
            # no background job runner: it would only take CPU from the 2-core test machine
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args_for_port(port)], cwd=log_path.parent, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

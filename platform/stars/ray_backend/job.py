@@ -83,7 +83,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
         if tracker:
             # Ctrl-C, or a stop: `ray.init` turns SIGTERM (`starsctl stop`) into SystemExit.
             stopped = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
-            tracker.end(job_run, "KILLED" if stopped else "FAILED")
+            tracker.close_run(job_run, "KILLED" if stopped else "FAILED", console=console)
         raise
     finally:
         if evaluation:
@@ -94,7 +94,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     if tracker:
         if len(result.outcomes) > 1:
             log_sweep_report(tracker, job_run, spec, curves)  # read once, printed below too
-        tracker.end(job_run, "FAILED" if result.failed else "FINISHED")
+        tracker.close_run(job_run, "FAILED" if result.failed else "FINISHED", console=console)
     result.wall_seconds = time.perf_counter() - start
     for table in final_tables(curves):  # the final depth curves, as `starsctl compare` shows them
         console(table)

@@ -117,16 +117,14 @@ class TrialRunner:
         except Exception as exc:  # noqa: BLE001 - every failure ends this trial only, with its reason
             reason = failure_reason(exc)
             if tracker and run_id:
-                tracker.set_tags(run_id, {TAG_FAILURE: reason})
-                if run_id != self.job_run_id:
-                    tracker.end(run_id, "FAILED")
+                tracker.close_run(run_id, "FAILED" if run_id != self.job_run_id else None,
+                                  tags={TAG_FAILURE: reason}, console=_console)
             raise TrialFailed(reason) from exc
         _mark_done(run_dir, {"trial": trial.key, "checkpoint": result.checkpoint_path, "run_id": run_id,
                              "finished": time.time()})
-        if tracker and run_id:
-            tracker.set_tags(run_id, {"stars.checkpoint": result.checkpoint_path or "", "stars.ray_run": result.run_name})
-            if run_id != self.job_run_id:
-                tracker.end(run_id)
+        if tracker and run_id:  # training is done and its metrics are on disk: MLflow may be gone by now
+            tracker.close_run(run_id, "FINISHED" if run_id != self.job_run_id else None, console=_console,
+                              tags={"stars.checkpoint": result.checkpoint_path or "", "stars.ray_run": result.run_name})
         return TrialOutcome(trial.key, "finished", None, run_id, run_dir, result, time.perf_counter() - start)
 
 

@@ -23,7 +23,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from stars.checkpoint import step_dir_name
 from stars.ray_backend.ledger import EvalLedger
 from stars.ray_backend.metrics import TrainMetrics
-from stars.spec import JobSpec, spec_hash
+from stars.spec import JobSpec, is_local_path, spec_hash
+from stars.tracking import train_metric_names
 from stars.train import TrainHooks, WorkerContext, train_loop
 
 #: Ray Train keeps each run's name, status and workers in its state actor, which the dashboard's Train
@@ -76,6 +77,16 @@ def run_dir_for(spec: JobSpec, trial_key: str | None = None) -> str:
     return os.path.join(spec.resources.storage_path, run_name_for(spec, trial_key))
 
 
+def journal_dir(run_dir: str | None, run_id: str) -> str:
+    """Where rank 0's metric journal lives (`stars.tracking.outbox`): next to the checkpoints,
+    `<run dir>/tracking/`, when storage is a local or shared filesystem path; with storage at a URI
+    (`s3://...`), on the worker's own disk under `~/.cache/stars/tracking/<run>/`."""
+    if run_dir and is_local_path(run_dir):
+        return os.path.join(run_dir, "tracking")
+    name = os.path.basename((run_dir or run_id).rstrip("/"))
+    return os.path.join(os.path.expanduser("~/.cache/stars/tracking"), name)
+
+
 def scaling_config(spec: JobSpec) -> ScalingConfig:
     res = spec.resources
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker, **res.resources_per_worker}
@@ -99,15 +110,24 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     worker = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
 
-    tracker, run_id = None, config.run_id
-    if rank == 0 and run_id:
-        from stars.tracking import Tracker
+    console = lambda line: print(line, file=sys.__stdout__, flush=True)  # noqa: E731
+    outbox = None
+    if rank == 0 and config.run_id:
+        from stars.tracking import MetricOutbox, Tracker
 
         tracker = Tracker(config.tracking_uri, artifact_root=config.artifact_root)
+        outbox = MetricOutbox(tracker, config.run_id, journal_dir(config.run_dir, config.run_id), console=console)
 
     def last_logged() -> int:
-        history = tracker.metric_history(run_id, "train/loss") if tracker else []
-        return max((s for s, _ in history), default=0)
+        """Steps up to here are in the journal (sent or on their way) or, from an attempt on another
+        node, in MLflow: a restarted worker logs only later ones."""
+        if outbox is None:
+            return 0
+        try:
+            history = outbox.tracker.metric_history(outbox.run_id, "train/loss")
+        except Exception:  # noqa: BLE001 - MLflow down: the journal alone decides
+            history = []
+        return max([outbox.last_step(), *(s for s, _ in history)])
 
     eval_tasks = list(spec.eval.tasks or []) if config.validate and config.run_dir and rank == 0 else []
     live = TrainMetrics(spec.name, ctx.get_experiment_name()) if rank == 0 else None
@@ -130,12 +150,12 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
             m, parallel_strategy_kwargs={"find_unused_parameters": unused}
         ),
         report=report,
-        log_metrics=(lambda metrics, step: tracker.log_train_step(run_id, step, metrics)) if tracker else None,
+        log_metrics=(lambda metrics, step: outbox.log(train_metric_names(metrics), step)) if outbox else None,
         publish_metrics=live.publish if live else None,
         last_logged_step=last_logged,
         # Ray Train V2 tees print() when a library wrapped sys.stdout (twice the lines); the raw stream
         # reaches the driver once.
-        console=lambda line: print(line, file=sys.__stdout__, flush=True),
+        console=console,
     )
     scratch = tempfile.mkdtemp(prefix="stars-ckpt-")
     try:
@@ -147,6 +167,8 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
                 train_loop(spec, worker, hooks, resume_dir=resume_dir, checkpoint_root=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if outbox is not None:
+            outbox.close(spec.tracking.flush_timeout_s)
 
 
 def run_trial(

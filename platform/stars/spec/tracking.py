@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from stars.spec.base import Section
+from stars.spec.base import Float, Section
 
 __all__ = ["TrackingSpec"]
 
@@ -27,6 +27,11 @@ class TrackingSpec(Section):
     the server's default otherwise."""
     tags: dict[str, str] = Field(default_factory=dict)
     """Extra tags on every run of the job."""
+    flush_timeout_s: Float = Field(default=300.0, ge=0, le=86_400)
+    """Training never waits for MLflow: its metrics go to a journal next to the checkpoints and are sent
+    in the background, retried while the server is down. At the end of training, wait at most this
+    long for the rest to be sent; what is still unsent stays in the journal, is sent when the job is
+    resumed, or by `starsctl sync <run directory>`."""
 
     @field_validator("uri")
     @classmethod

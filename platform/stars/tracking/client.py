@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ __all__ = [
     "git_info",
     "ray_job_id",
     "resolve_tracking_uri",
+    "train_metric_names",
 ]
 
 TRAIN_METRICS = ("train/loss", "train/ce", "train/jsrr", "train/depth", "train/lr", "train/tokens_per_s")
@@ -133,6 +134,12 @@ def ray_job_id() -> str | None:
         except Exception:  # noqa: BLE001 - best effort, never fail tracking over it
             return None
     return None
+
+
+def train_metric_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Training metrics under their MLflow names: keys may come with or without the `train/` prefix
+    (`loss` or `train/loss`)."""
+    return {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
 
 
 def eval_run_name(step: int) -> str:
@@ -311,6 +318,23 @@ class Tracker:
         """Mark a run FINISHED (or FAILED / KILLED)."""
         self.client.set_terminated(run_id, status=status)
 
+    def close_run(self, run_id: str, status: str | None = "FINISHED", *, tags: Mapping[str, Any] | None = None,
+                  console: Callable[[str], None] = print) -> bool:
+        """Set `tags`, then end the run with `status` (None: leave it running), where a job's work is
+        already done: MLflow being unreachable is then one warning, not a failed job. True when both
+        calls got through; a resubmission of the job ends the run properly."""
+        try:
+            if tags:
+                self.set_tags(run_id, tags)
+            if status is not None:
+                self.end(run_id, status)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the client raises several types for "unreachable"
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            console(f"[stars] WARNING: MLflow at {self.uri} unreachable: run {run_id} not marked "
+                    f"{status or 'with its final tags'} ({type(exc).__name__}: {first})")
+            return False
+
     # logging -------------------------------------------------------------------------------
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], step: int, *, timestamp_ms: int | None = None
@@ -322,9 +346,9 @@ class Tracker:
         self.client.log_batch(run_id, metrics=items)
 
     def log_train_step(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        """Training metrics at step = optimizer step. Keys may be given with or without the
-        `train/` prefix (`loss` or `train/loss`)."""
-        self.log_metrics(run_id, {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step)
+        """Training metrics at step = optimizer step, synchronously (training itself logs through
+        `stars.tracking.outbox.MetricOutbox`)."""
+        self.log_metrics(run_id, train_metric_names(metrics), step)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         """Log params in one `log_batch` (MLflow splits it into batches of 100), skipping keys the
