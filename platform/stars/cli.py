@@ -406,9 +406,12 @@ def eval_checkpoint(
     from stars.evaluation import evaluate_checkpoint, format_task_table, write_task_artifacts
 
     # EvalInputError and CheckpointError are UserErrors: `_StarsGroup` turns them into exit code 2.
+    # Generation's progress: a bar on a terminal, else a line now and then (both on stderr, so --json
+    # output stays clean).
     result = evaluate_checkpoint(
         checkpoint, tasks or None, depth_list, rho_list, rho_iters, limit, batch_size, max_new_tokens,
-        benchmark_paths=paths, device=device,
+        benchmark_paths=paths, device=device, console=lambda line: typer.echo(line, err=True),
+        progress_stream=sys.stderr if sys.stderr.isatty() else None,
     )
     if out is not None:
         for ev in result.tasks.values():

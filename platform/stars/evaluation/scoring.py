@@ -26,9 +26,10 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from stars.checkpoint import LoadedCheckpoint, load_checkpoint
+from stars.evaluation.progress import Progress
 from stars.evaluation.summary import summary_metrics
 from stars.tasks import EvalInputError, GenerativeTask, TeacherForcedTask, eval_task, eval_task_names
 
@@ -352,9 +353,12 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     benchmark_path: str | None = None,
     console: Callable[[str], None] | None = None,
+    progress_stream: TextIO | None = None,
 ) -> TaskEval:
     """Score one task of a loaded checkpoint at every depth, with dynamics (and rho at `rho_depths`).
-    `console` receives a progress line after each generation batch (math benchmarks)."""
+    Generation (math benchmarks) reports progress with its rate and ETA: a bar redrawn on
+    `progress_stream` (a terminal) when given, else a line to `console` now and then
+    (`stars.evaluation.progress.Progress`)."""
     depths = sorted({int(d) for d in depths})
     if not depths:
         raise EvalInputError("depths is empty; give e.g. 1-16")
@@ -378,16 +382,11 @@ def evaluate_task(
         tokenizer = loaded.tokenizer()
         items = entry.load(benchmark_path, limit)
         budget = max_new_tokens or entry.max_new_tokens
-        def report(done: int, total: int) -> None:
-            if console is not None:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                eta = (total - done) / rate if rate > 0 else float("inf")
-                console(f"[stars] {task} step {loaded.step}: generated {done}/{total} prompts at "
-                        f"{len(depths)} depths ({rate:.2f} prompts/s, ETA {eta:.0f} s)")
-
+        progress = Progress(f"[stars] {task} step {loaded.step} at {len(depths)} depths: generated",
+                            console=console, stream=progress_stream)
         correct_lists, dyn, prompts = generative(
             entry, model, tokenizer, items, depths, budget, batch_size=batch_size,
-            system_prompt=loaded.task.get("system_prompt"), progress=report,
+            system_prompt=loaded.task.get("system_prompt"), progress=progress.update,
         )
         acc = {d: sum(c) / len(c) for d, c in correct_lists.items()}
         n = len(items)
@@ -413,6 +412,8 @@ def evaluate_checkpoint(
     benchmark_paths: Mapping[str, str] | None = None,
     device: str | None = None,
     rho_tasks: int = 1,
+    console: Callable[[str], None] | None = None,
+    progress_stream: TextIO | None = None,
 ) -> CheckpointEval:
     """Load a checkpoint once and score every task at every depth.
 
@@ -435,6 +436,6 @@ def evaluate_checkpoint(
         result.tasks[task] = evaluate_task(
             loaded, task, depths, rho_depths=rho_depths if i < rho_tasks else (), rho_iters=rho_iters,
             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            benchmark_path=(benchmark_paths or {}).get(task),
+            benchmark_path=(benchmark_paths or {}).get(task), console=console, progress_stream=progress_stream,
         )
     return result
