@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from mlflow import MlflowClient
+from ray.train import Checkpoint
 
 from stars.checkpoint import step_of
-from stars.ray_backend.evaluation import EvaluationService
+from stars.ray_backend.evaluation import Dispatcher, EvaluationService, EvalUnit
 from stars.ray_backend.job import run_job
 from stars.ray_backend.ledger import EvalLedger
 from stars.spec import JobSpec, resolve_spec
@@ -164,6 +166,138 @@ def test_a_killed_evaluator_is_replaced_and_no_checkpoint_is_left_unscored(ray_c
     assert pid not in pids.values()  # the unit it was working on was redone by the restarted actor
     attempts = {s: ledger.done(s, "addition")["attempts"] for s in STEPS}
     assert attempts[step] == 2 and all(attempts[s] == 1 for s in STEPS if s != step)  # the ledger counts claims
+
+
+def _freeze_evaluators(
+    run_root: Path, job: str, plan: dict[int, int | None], stop: threading.Event,
+    frozen: list[tuple[int, int, int]],
+) -> None:
+    """SIGSTOP the Evaluator process as it claims the addition unit of a step in `plan`, for attempts
+    1..plan[step] (None: every attempt): a real hang, with no hook in the code. Records (pid, step,
+    attempt)."""
+    deadline, seen = time.time() + 240, set()
+    while not stop.is_set() and time.time() < deadline:
+        for running in run_root.glob(f"{job}-*/eval/step_*/addition.running.json"):
+            step = step_of(running.parent.name)
+            try:
+                claim = json.loads(running.read_text())
+            except (ValueError, OSError):
+                continue  # being written
+            attempt, limit = int(claim["attempt"]), plan.get(step, 0)
+            if (step, attempt) in seen or (limit is not None and attempt > limit):
+                continue
+            if running.with_name("addition.done.json").exists():
+                continue
+            os.kill(int(claim["pid"]), signal.SIGSTOP)  # the actor our job started (pid from its own claim)
+            seen.add((step, attempt))
+            frozen.append((int(claim["pid"]), step, attempt))
+        time.sleep(0.01)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def test_a_hung_evaluator_is_restarted_and_a_unit_that_always_hangs_is_given_up(ray_cluster, store):
+    # Two checkpoints: step 10's first attempt hangs (the evaluator is restarted, the unit scored on the
+    # second attempt); step 20 hangs at every attempt (given up after max_attempts). A unit takes a
+    # second or two here, so 5 s is a hang.
+    steps = (10, 20)
+    spec = eval_job(store, "evalhang", train={"max_steps": 20}, timeout_s=5, max_attempts=2)
+    stop, frozen = threading.Event(), []
+    freezer = threading.Thread(target=_freeze_evaluators, daemon=True,
+                               args=(store / "runs", "evalhang", {10: 1, 20: None}, stop, frozen))
+    freezer.start()
+    try:
+        result = run_job(spec, console=lambda line: None)
+    finally:
+        stop.set()
+        freezer.join()
+        for pid, _, _ in frozen:  # a process still stopped was not killed (the test fails below): let it go
+            if _stopped(pid):
+                os.kill(pid, signal.SIGCONT)
+    # every hang was ended by killing the evaluator: a second attempt at each unit (on a new process)
+    assert sorted((step, attempt) for _, step, attempt in frozen) == [(10, 1), (20, 1), (20, 2)]
+    # training finished: every checkpoint committed, the job's (= trial's) run FINISHED
+    assert [o.status for o in result.outcomes] == ["finished"]
+    client = MlflowClient(spec.tracking.uri)
+    assert client.get_run(result.job_run_id).info.status == "FINISHED"
+    ledger = EvalLedger(result.trials[0].storage_dir)
+    reason = "addition at step 20: timed out after 5 s (2 attempts)"
+    # the ledger: 10 scored once, by its second attempt on a new process; 20 given up
+    assert ledger.done_steps("addition") == [10]
+    assert ledger.done(10, "addition")["attempts"] == 2
+    assert ledger.done(10, "addition")["pid"] != frozen[0][0]  # (the process that hung at step 10)
+    assert ledger.done(20, "addition") is None and ledger.failed(20, "addition")["reason"] == reason
+    assert ledger.killed(20, "addition")["attempt"] == 2 and ledger.killed(10, "addition")["attempt"] == 1
+    assert {ledger.killed(s, "addition")["evaluator"] for s in steps} == {"does not answer"}  # SIGSTOPped
+    assert all(ledger.missing(s, ["addition"]) == [] for s in steps)  # nothing left to dispatch
+    assert ledger.in_flight(steps, ["addition"]) == {}
+    # MLflow: one eval run per checkpoint; 10's holds its depth curve once; 20's is FAILED with the reason
+    runs = eval_runs(client, result.job_run_id)
+    assert sorted(runs) == list(steps)
+    assert {s: r.info.status for s, r in runs.items()} == {10: "FINISHED", 20: "FAILED"}
+    assert runs[20].data.tags["stars.eval.failure"] == reason
+    assert "stars.eval.failure" not in runs[10].data.tags
+    for step, run in runs.items():
+        acc = sorted(m.step for m in client.get_metric_history(run.info.run_id, "addition/acc"))
+        assert acc == ([] if step == 20 else list(range(1, 17))), step
+        assert ledger.eval_run(step)["status"] == run.info.status
+    assert [m.step for m in client.get_metric_history(result.job_run_id, "addition/peak_acc")] == [10]
+
+
+def test_a_stale_claim_is_left_alone_a_frozen_evaluator_is_killed_and_no_attempt_passes_the_limit(
+    ray_cluster, store
+):
+    """The dispatcher's timeout decisions on one evaluator, without a training run: a claim past the
+    timeout whose evaluator is idle (its attempt died with an earlier process) is left alone; a frozen
+    evaluator is killed and restarted; at the last attempt the unit is given up; and an evaluator asked
+    to start an attempt past `max_attempts` (Ray re-running a call) gives the unit up instead."""
+    spec = resolve_spec(eval_job(store, "evalprobe", timeout_s=2, max_attempts=2))
+    run_dir = str(store / "runs" / "evalprobe-x")
+    ledger, service = EvalLedger(run_dir), EvaluationService(spec).start()
+    actor, name = service.actors[0], service.names[0]
+
+    def frozen_while(check, pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)  # the actor this test started
+        try:
+            check()
+            deadline = time.time() + 30  # Ray kills the process a moment after ray.kill returns
+            while _stopped(pid) and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            if _stopped(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    def claim(attempt: int) -> None:
+        info = {"attempt": attempt, "actor": name, "pid": 1, "started": time.time() - 60}  # past the 2 s timeout
+        ledger.mark_running(10, "addition", info)
+
+    try:
+        ctx = service.context(spec, None, run_dir)
+        first = ray.get(actor.pid.remote(), timeout=120)
+        claim(1)
+        Dispatcher(ctx).kill_hung([(10, "addition")])  # idle: it answers that it runs nothing
+        assert ray.get(actor.pid.remote(), timeout=60) == first and ledger.killed(10, "addition") is None
+        frozen_while(lambda: Dispatcher(ctx).kill_hung([(10, "addition")]), first)
+        second = ray.get(actor.pid.remote(), timeout=120)
+        assert second != first and not _stopped(first)  # killed, and restarted under its name
+        assert ledger.killed(10, "addition")["attempt"] == 1 and ledger.failed(10, "addition") is None
+        claim(2)  # the last attempt
+        frozen_while(lambda: Dispatcher(ctx).kill_hung([(10, "addition")]), second)
+        reason = "addition at step 10: timed out after 2 s (2 attempts)"
+        assert ledger.failed(10, "addition")["reason"] == reason and ledger.missing(10, ["addition"]) == []
+        # a call re-run after the last attempt's evaluator died: no third attempt is claimed
+        unit = EvalUnit(ctx, 20, "addition", primary=True, eval_run_id=None)
+        ledger.mark_running(20, "addition", {"attempt": 2, "actor": name, "pid": 1, "started": time.time()})
+        record = ray.get(actor.score.remote(Checkpoint(f"{run_dir}/step_0000020"), unit), timeout=120)
+        assert record["reason"] == "addition at step 20: its evaluator died (2 attempts)"
+        assert ledger.failed(20, "addition") == record and ledger.running(20, "addition")["attempt"] == 2
+    finally:
+        service.stop()
 
 
 def test_the_payloads_into_ray_survive_json_and_pickle(store):

@@ -42,15 +42,37 @@ and scoring tasks are named after the trial's Ray Train run (`validate <run>`, `
 <task>`) in the dashboard's task table and log prefixes. Evaluators count as idle from the trial's own ledger: the trials of a sweep share them, so
 a trial's unit scored ahead may queue behind another trial's work (nothing is lost, only waits).
 
-Fault tolerance: actors restart without limit (`max_restarts=-1`) and Ray retries the call that was
-running when one died (`max_task_retries`); the dispatcher retries its own units a few more times
-itself, and forgets where a failed unit was queued so the next dispatcher picks an actor afresh. Every
-(checkpoint, task) that is done has `<run dir>/eval/step_N/<task>.done.json` (`EvalLedger` in
-`stars.ray_backend.ledger`), written after MLflow holds its results, so a retried or restarted
+Fault tolerance: actors restart without limit (`max_restarts=-1`) and Ray retries the calls an actor
+had when it died (`max_task_retries`); the dispatcher calls a unit's actor again when Ray's retries ran
+out, and forgets where a unit whose scoring raised was queued so the next dispatcher picks an actor
+afresh. Every (checkpoint, task) that is done has `<run dir>/eval/step_N/<task>.done.json` (`EvalLedger`
+in `stars.ray_backend.ledger`), written after MLflow holds its results, so a retried or restarted
 evaluation scores only what is missing and never logs a depth curve twice. After `fit()` the driver
 sweeps the run's committed checkpoints once more (`EvaluationService.finish_trial`) and scores
 anything still missing (the final checkpoint when `eval.every_checkpoint` is false; a validation
 that failed).
+
+Hung evaluators. An evaluator stuck in a call (or frozen) would keep its validation, and so `fit()`,
+waiting forever. Each attempt at a unit claims it in the ledger (`<task>.running.json`: actor, pid,
+start time, attempt number, counted across retries and restarts), and every poll a waiting
+dispatcher looks at the claims of this trial's units in flight (its own, those it scores ahead, and
+those an earlier dispatcher handed out). When a claim is older than `eval.timeout_s`, the dispatcher
+asks its evaluator what it runs (`Evaluator.running`, answered from the actor's metrics thread, so a
+busy evaluator answers). If the evaluator says it runs that attempt, or does not answer within
+`PROBE_SECONDS` (frozen), the attempt is recorded as killed (`<task>.killed.json`) and the actor
+killed with `ray.kill(no_restart=False)`: Ray restarts it under the same name and re-runs the calls it
+had (`max_task_retries`; the dispatcher calls again once those ran out), so the unit is tried again
+and every handle and queued call of every trial stays valid. (Killing with no_restart and creating
+the actor again instead would race the release of its name, and the calls other dispatchers had
+queued on it would fail instead of moving to the new process.) An evaluator that answers with
+something else holds a stale claim (the attempt died with an earlier process) and is left alone. When
+the attempt that timed out, or whose evaluator died, was attempt `eval.max_attempts`, the unit is
+given up (`give_up`, before the kill): `<task>.failed.json` holds the reason, so no dispatcher sends
+it again and a call still queued returns at once; the checkpoint's eval run gets the reason in the tag
+`stars.eval.failure` and ends FAILED; one line says so; the validation returns (the summaries of the
+checkpoint's other tasks) and training goes on. No attempt past `eval.max_attempts` is started, not
+even by Ray's retries. A failed unit stays failed in a resubmitted job; to score it again, delete its
+`<task>.failed.json` and `<task>.running.json` (which counts the attempts).
 
 What crosses into the dispatcher task and the actors is typed: an `EvalContext` per trial (the
 validation function's keyword arguments, in their JSON form as Ray Train asks) and an `EvalUnit` per
@@ -83,10 +105,12 @@ if TYPE_CHECKING:
     from stars.tracking import Tracker
 
 ACTOR_PREFIX = "stars-eval"
-ACTOR_TASK_RETRIES = 2  # Ray re-runs the call that was running when its actor died
-DISPATCH_ATTEMPTS = 3  # and the dispatcher tries a unit this many times on top of that
-POLL_SECONDS = 2.0  # how often a waiting dispatcher looks for idle evaluators and new checkpoints
+ACTOR_TASK_RETRIES = 2  # Ray re-runs the calls an actor had when it died (or was killed), once it is back
+DISPATCH_CALLS = 3  # a dispatcher calls a unit's actor again, up to this many calls (or eval.max_attempts)
+POLL_SECONDS = 2.0  # how often a waiting dispatcher looks for idle evaluators, new checkpoints, hung units
+PROBE_SECONDS = 3.0  # an evaluator past eval.timeout_s that does not say what it runs by then is frozen
 BACKLOG_METRIC = "eval/backlog"  # on the trial run: committed checkpoints not fully scored
+FAILURE_TAG = "stars.eval.failure"  # on an eval run: why units of its checkpoint were given up
 
 
 def actor_names(job_name: str, workers: int) -> list[str]:
@@ -156,6 +180,29 @@ class EvalUnit:
     eval_run_id: str | None  # the checkpoint's `eval@step=N` MLflow run (None: no MLflow)
 
 
+def give_up(
+    ctx: EvalContext, step: int, task: str, what: str, attempts: int, tracker: Tracker | None = None
+) -> None:
+    """Record (step, task) as failed: the ledger's failed marker (no dispatcher sends it again, a call
+    still queued returns it at once), the reasons of the checkpoint's failed tasks in the tag
+    `FAILURE_TAG` of its eval run (which ends FAILED when the checkpoint's validation closes it), and
+    one line on the console. `what` happened to the last of `attempts` attempts."""
+    ledger = EvalLedger(ctx.run_dir)
+    reason = f"{task} at step {step}: {what} ({attempts} attempt{'s' if attempts != 1 else ''})"
+    ledger.mark_failed(step, task, {"reason": reason, "attempts": attempts, "failed": time.time(),
+                                    "trial_run_id": ctx.trial_run_id})
+    ledger.clear_queued(step, task)
+    _console(f"[stars] eval failed: {reason}; recorded as failed and not tried again")
+    record = ledger.eval_run(step)
+    if not (ctx.trial_run_id and record and record.get("trial_run_id") == ctx.trial_run_id):
+        return
+    reasons = [r["reason"] for r in ledger.failures(step, ctx.eval.tasks or []).values()]
+    try:
+        (tracker or ctx.tracker()).set_tags(str(record["run_id"]), {FAILURE_TAG: "; ".join(reasons)})
+    except Exception as exc:  # noqa: BLE001 - the ledger holds the reason; a tag is not worth failing for
+        _console(f"[stars] eval: cannot tag eval run {record['run_id']} with the failure ({exc!r})")
+
+
 @ray.remote(concurrency_groups={"metrics": 1})
 class Evaluator:
     """Scores (checkpoint, task) units. Keeps the last checkpoint loaded, so the tasks of one
@@ -173,6 +220,7 @@ class Evaluator:
         torch.set_num_threads(max(1, threads))
         self.name = name
         self.metrics = EvalMetrics(job, name)
+        self._running: dict[str, Any] | None = None  # the unit `score` works on now (`running`)
         self._key: str | None = None
         self._loaded: LoadedCheckpoint | None = None
         self._download: str | None = None
@@ -186,6 +234,13 @@ class Evaluator:
     @ray.method(concurrency_group="metrics")
     def publish_backlog(self, trial: str, waiting: int) -> None:
         self.metrics.set_backlog(trial, waiting)
+
+    @ray.method(concurrency_group="metrics", max_task_retries=0)
+    def running(self) -> dict[str, Any] | None:
+        """The unit `score` works on now (`run_dir`, `step`, `task`, `attempt`), None when idle. In the
+        metrics group, so an evaluator busy scoring answers at once; a frozen one does not (`Dispatcher`
+        asks before it kills an evaluator for a timeout)."""
+        return self._running
 
     def _load(self, checkpoint: Checkpoint) -> LoadedCheckpoint:
         import pyarrow.fs as pafs
@@ -208,16 +263,31 @@ class Evaluator:
         return self._loaded
 
     def score(self, checkpoint: Checkpoint, unit: EvalUnit) -> dict[str, Any]:
-        """Score one task of one checkpoint, log it to MLflow, mark it done; return the done record."""
+        """Score one task of one checkpoint, log it to MLflow, mark it done; return the done record
+        (or, for a unit given up, its failure record). Claims the unit in the ledger first."""
         ctx, step, task = unit.context, unit.step, unit.task
         ledger = EvalLedger(ctx.run_dir)
-        record = ledger.done(step, task)
-        if record is not None:  # a retried call whose first attempt got as far as the marker
+        record = ledger.done(step, task) or ledger.failed(step, task)
+        if record is not None:  # a retried call whose first attempt got as far as the marker; a unit given up
             return record
         started = time.time()
         attempt = int((ledger.running(step, task) or {}).get("attempt", 0)) + 1  # retries and restarts count
+        if attempt > ctx.eval.max_attempts:  # Ray re-ran a call whose evaluator died at the last attempt
+            give_up(ctx, step, task, "its evaluator died", ctx.eval.max_attempts)
+            return ledger.failed(step, task) or {}
         ledger.mark_running(step, task, {"pid": os.getpid(), "host": socket.gethostname(),
                                          "actor": self.name, "started": started, "attempt": attempt})
+        self._running = {"run_dir": ctx.run_dir, "step": step, "task": task, "attempt": attempt}
+        try:
+            return self._score_claimed(checkpoint, unit, ledger, started, attempt)
+        finally:
+            self._running = None
+
+    def _score_claimed(
+        self, checkpoint: Checkpoint, unit: EvalUnit, ledger: EvalLedger, started: float, attempt: int
+    ) -> dict[str, Any]:
+        """`score` once the unit is claimed (attempt `attempt`, since `started`)."""
+        ctx, step, task = unit.context, unit.step, unit.task
         ev = ctx.eval
         loaded = self._load(checkpoint)
         result = evaluate_task(
@@ -290,6 +360,8 @@ class Dispatcher:
         self.rotation = [ctx.actors[(ctx.actor_offset + i) % n] for i in range(n)]
         self._tracker: Tracker | None = None
         self._eval_runs: dict[int, str] = {}
+        # (step, task) -> its last attempt known to be over (killed here, or its evaluator runs another)
+        self._over: dict[tuple[int, str], int] = {}
 
     @property
     def tracker(self) -> Tracker:
@@ -392,10 +464,11 @@ class Dispatcher:
             handed[task] = self.send(checkpoint, step, task, actor, for_step=step)
         return handed
 
-    def send_ahead(self, after: int, ahead: dict[Any, _Handed]) -> None:
+    def send_ahead(
+        self, after: int, ahead: dict[Any, _Handed], committed: Mapping[int, Checkpoint] | None
+    ) -> None:
         """Give each evaluator without a unit of this trial in flight one missing, unqueued unit of a
         committed checkpoint later than `after` (oldest first); the calls are added to `ahead`."""
-        committed = self.committed()
         if not committed:
             return
         queued = self.in_flight(self._pending_from(after, committed))
@@ -418,20 +491,112 @@ class Dispatcher:
             _console(f"[stars] eval of {unit.task} at step {unit.step} (ahead of its validation) failed on "
                      f"{handed.actor}: {type(exc).__name__}; its validation scores it")
 
-    def _send_ahead_safely(self, after: int, ahead: dict[Any, _Handed]) -> None:
+    def _send_ahead_safely(
+        self, after: int, ahead: dict[Any, _Handed], committed: Mapping[int, Checkpoint] | None
+    ) -> None:
         try:
-            self.send_ahead(after, ahead)
+            self.send_ahead(after, ahead, committed)
         except Exception as exc:  # noqa: BLE001 - scoring ahead only saves time; its validation scores the unit
             _console(f"[stars] eval: scoring ahead of step {after} failed ({exc!r}); checkpoints wait for their validation")
+
+    def _poll(self, step: int, ahead: dict[Any, _Handed]) -> None:
+        """What a waiting dispatcher does every `POLL_SECONDS`: kill the evaluators of hung units of
+        this trial, then hand idle evaluators units of later checkpoints."""
+        committed = self.committed()
+        try:
+            self.kill_hung(self.in_flight(self._pending_from(step, committed or {})))
+        except Exception as exc:  # noqa: BLE001 - storage or MLflow hiccup: the next poll looks again
+            _console(f"[stars] eval: cannot check for hung evaluators now ({exc!r})")
+        self._send_ahead_safely(step, ahead, committed)
+
+    # -- hung evaluators and units given up -------------------------------------------------------
+    def kill_hung(self, units: Iterable[tuple[int, str]]) -> None:
+        """Kill (Ray restarts it) the evaluator of every unit of `units` whose current attempt has run
+        longer than `eval.timeout_s`, after asking the evaluator what it runs: one busy with something
+        else holds no such attempt (its claim in the ledger is stale: the attempt died with an earlier
+        process). A unit whose last attempt (`eval.max_attempts`) timed out is recorded as failed first."""
+        timeout = self.ctx.eval.timeout_s
+        if timeout is None:
+            return
+        for step, task in units:
+            claim = self.ledger.running(step, task)
+            if claim is None or claim.get("actor") not in self.ctx.actors:
+                continue
+            attempt = int(claim.get("attempt", 0))
+            if attempt > self._over.get((step, task), 0) and time.time() - float(claim["started"]) > timeout:
+                killed = self.ledger.killed(step, task) or {}
+                if killed.get("started") != claim["started"]:  # not killed already (by an earlier dispatcher)
+                    self._time_out(step, task, claim, attempt, timeout)
+
+    def _time_out(self, step: int, task: str, claim: dict[str, Any], attempt: int, timeout: float) -> None:
+        actor = claim["actor"]
+        self._over[(step, task)] = attempt
+        running = {"run_dir": self.ctx.run_dir, "step": step, "task": task, "attempt": attempt}
+        answer = self._ask(actor, running, timeout)
+        if answer == "elsewhere":
+            return
+        what = f"timed out after {timeout:g} s"
+        self.ledger.mark_killed(step, task, {"attempt": attempt, "actor": actor, "pid": claim.get("pid"),
+                                             "started": claim["started"], "killed": time.time(), "outcome": what,
+                                             "evaluator": answer})
+        try:
+            if attempt >= self.ctx.eval.max_attempts:
+                self.record_failed(step, task, what, attempt)  # before the kill: the retried call returns it
+            else:
+                _console(f"[stars] eval: {task} at step {step} {what} on {actor} (attempt {attempt} of "
+                         f"{self.ctx.eval.max_attempts}; the evaluator {answer}); restarting it and trying again")
+        finally:  # whatever the bookkeeping met, a hung evaluator must not stay hung
+            self._kill(actor)
+
+    def _kill(self, actor: str) -> None:
+        """Kill `actor`: Ray restarts it under its name and re-runs its calls (`ACTOR_TASK_RETRIES`)."""
+        try:
+            ray.kill(_actor(actor, self.ctx.namespace), no_restart=False)
+        except ValueError:  # no such actor any more
+            pass
+
+    def _ask(self, actor: str, attempt: dict[str, Any], timeout: float) -> str:
+        """Whether `actor` runs `attempt`: "is still running it", "does not answer" (frozen, or
+        restarting) or "elsewhere" (it runs another unit or none, or it is gone)."""
+        try:
+            ref = _actor(actor, self.ctx.namespace).running.remote()
+            ready, _ = ray.wait([ref], timeout=min(PROBE_SECONDS, timeout))
+            if not ready:
+                return "does not answer"
+            return "is still running it" if ray.get(ref) == attempt else "elsewhere"
+        except (ray.exceptions.RayActorError, ValueError):  # died meanwhile: the attempt died with it
+            return "elsewhere"
+
+    def record_failed(self, step: int, task: str, what: str, attempts: int) -> None:
+        """Give (step, task) up (`give_up`)."""
+        give_up(self.ctx, step, task, what, attempts, self.tracker if self.ctx.trial_run_id else None)
+
+    def _lost(self, handed: _Handed, exc: Exception) -> bool:
+        """The call of `handed` failed: its actor died and Ray's own retries ran out. Call the actor
+        again (it restarts) while the unit has attempts and calls left and returns True; else record
+        the unit as failed. False too when the unit is settled meanwhile (a timeout gave it up)."""
+        unit = handed.unit
+        if self.ledger.done(unit.step, unit.task) or self.ledger.failed(unit.step, unit.task):
+            return False
+        attempts = int((self.ledger.running(unit.step, unit.task) or {}).get("attempt", 0))
+        limit = self.ctx.eval.max_attempts
+        if attempts < limit and handed.calls < max(DISPATCH_CALLS, limit):
+            time.sleep(1.0)
+            self.resend(handed)
+            return True
+        what = f"its evaluator died ({type(exc).__name__})"
+        self.record_failed(unit.step, unit.task, what, max(attempts, 1))
+        return False
 
     # -- one checkpoint ---------------------------------------------------------------------------
     def wait(self, step: int, own: dict[str, _Handed]) -> list[str]:
         """Wait for `own` (units of the checkpoint at `step`), calling an actor again when it died;
-        meanwhile keep idle evaluators busy with later checkpoints. Returns the failures."""
+        meanwhile kill evaluators whose unit runs past `eval.timeout_s` and keep idle ones busy with
+        later checkpoints. Returns the errors scoring raised (units given up are in the ledger)."""
         pending = dict(own)
         ahead: dict[Any, _Handed] = {}
-        failures: list[str] = []
-        self._send_ahead_safely(step, ahead)
+        errors: list[str] = []
+        self._poll(step, ahead)
         while pending:
             task_of = {h.ref: task for task, h in pending.items()}
             ready, _ = ray.wait([*task_of, *ahead], num_returns=1, timeout=POLL_SECONDS)
@@ -445,19 +610,16 @@ class Dispatcher:
                     ray.get(ref)
                     del pending[task]
                 except ray.exceptions.RayActorError as exc:  # died (and Ray's own retries ran out)
-                    if handed.calls < DISPATCH_ATTEMPTS:
-                        time.sleep(1.0)
-                        self.resend(handed)
-                        continue
-                    failures.append(f"{task}: evaluator died {handed.calls} times ({type(exc).__name__})")
-                    self.ledger.clear_queued(step, task)
-                    del pending[task]
+                    if not self._lost(handed, exc):
+                        del pending[task]
                 except ray.exceptions.RayTaskError as exc:
-                    failures.append(f"{task}: {exc.cause!r}" if getattr(exc, "cause", None) else f"{task}: {exc}")
+                    errors.append(f"{task}: {exc.cause!r}" if getattr(exc, "cause", None) else f"{task}: {exc}")
                     self.ledger.clear_queued(step, task)
                     del pending[task]
-            self._send_ahead_safely(step, ahead)
-        return failures
+            self._poll(step, ahead)
+            for task in [t for t in pending if self.ledger.failed(step, t) is not None]:
+                del pending[task]  # given up: its call returns the failure record once its actor is back
+        return errors
 
     def score(self, checkpoint: Checkpoint) -> dict[str, float]:
         """Score the checkpoint's missing tasks (what `score_checkpoint` does); returns its summary."""
@@ -465,15 +627,17 @@ class Dispatcher:
         if step is None:
             raise ValueError(f"checkpoint {checkpoint.path!r} is not a step_NNNNNNN directory")
         todo = self.ledger.missing(step, self.tasks)
-        failures = self.wait(step, self.send_own(checkpoint, step, todo) if todo else {})
-        self.close_eval_run(step, "FAILED" if failures else "FINISHED")
-        if failures:
-            raise RuntimeError(f"evaluation of {checkpoint.path} failed: " + "; ".join(failures))
+        errors = self.wait(step, self.send_own(checkpoint, step, todo) if todo else {})
+        given_up = self.ledger.failures(step, self.tasks)
+        self.close_eval_run(step, "FAILED" if errors or given_up else "FINISHED")
+        if errors:
+            raise RuntimeError(f"evaluation of {checkpoint.path} failed: " + "; ".join(errors))
         summary: dict[str, float] = {}
         for task in self.tasks:
             record = self.ledger.done(step, task) or {}
             summary.update(record.get("summary", {}))
-        _console(f"[stars] eval step {step}: " + "; ".join(_summary_line(t, summary) for t in self.tasks))
+        lines = [f"{t} failed" if t in given_up else _summary_line(t, summary) for t in self.tasks]
+        _console(f"[stars] eval step {step}: " + "; ".join(lines))
         return summary
 
     def report_backlog(self, step: int) -> int | None:

@@ -40,7 +40,9 @@ class EvalLedger:
 
         <run dir>/eval/step_NNNNNNN/<task>.queued.json    handed to an Evaluator: actor name, when, by whom
         <run dir>/eval/step_NNNNNNN/<task>.running.json   claimed: actor, pid, host, start time, attempt
+        <run dir>/eval/step_NNNNNNN/<task>.killed.json    the last attempt killed for a timeout, and why
         <run dir>/eval/step_NNNNNNN/<task>.done.json      scored: TaskEval + eval run id + attempts
+        <run dir>/eval/step_NNNNNNN/<task>.failed.json    given up after `eval.max_attempts`: reason, attempts
         <run dir>/eval/step_NNNNNNN/<task>.csv, .png      the depth table and plot
         <run dir>/eval/step_NNNNNNN/eval_run.json         the checkpoint's MLflow eval run and its status
 
@@ -48,7 +50,9 @@ class EvalLedger:
     results, so "done" never claims more than is stored; a restart scores exactly what has none. A
     queued marker is written before the unit is handed to its actor, so whoever dispatches the unit
     next sends it to the same actor (where it queues behind the first call) instead of scoring it
-    again elsewhere; a unit is in flight while it has a queued marker and no done marker.
+    again elsewhere; a unit is in flight while it has a queued marker and no done marker. A failed
+    marker settles a unit as a done marker does (it is never scored again, so never twice), but
+    holds no results: `done` stays None and `done_steps` leaves it out.
     """
 
     def __init__(self, run_dir: str) -> None:
@@ -82,14 +86,39 @@ class EvalLedger:
         return self._read(self._path(step, f"{task}.done.json"))
 
     def missing(self, step: int, tasks: Iterable[str]) -> list[str]:
-        """The tasks of `tasks` not scored at `step`, in order."""
-        return [t for t in tasks if self.done(step, t) is None]
+        """The tasks of `tasks` still to score at `step` (neither done nor recorded as failed), in order."""
+        return [t for t in tasks if self.done(step, t) is None and self.failed(step, t) is None]
+
+    def mark_failed(self, step: int, task: str, record: Mapping[str, Any]) -> None:
+        """Record that (step, task) is given up (`record["reason"]`): no dispatcher sends it again."""
+        self._write(self._path(step, f"{task}.failed.json"), json.dumps(dict(record), indent=1).encode())
+
+    def failed(self, step: int, task: str) -> dict[str, Any] | None:
+        """The failure record of (checkpoint at `step`, `task`), or None when it was not given up."""
+        return self._read(self._path(step, f"{task}.failed.json"))
+
+    def failures(self, step: int, tasks: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The tasks of `tasks` recorded as failed at `step` (and not done after all): task -> record."""
+        out = {}
+        for task in tasks:
+            record = self.failed(step, task)
+            if record is not None and self.done(step, task) is None:
+                out[task] = record
+        return out
 
     def mark_running(self, step: int, task: str, info: Mapping[str, Any]) -> None:
         self._write(self._path(step, f"{task}.running.json"), json.dumps(dict(info), indent=1).encode())
 
     def running(self, step: int, task: str) -> dict[str, Any] | None:
         return self._read(self._path(step, f"{task}.running.json"))
+
+    def mark_killed(self, step: int, task: str, info: Mapping[str, Any]) -> None:
+        """Record that attempt `info["attempt"]` of (step, task) was killed (`info["outcome"]`: why). A
+        file of its own: the claim is written only by the attempts, so a retry's claim is never lost."""
+        self._write(self._path(step, f"{task}.killed.json"), json.dumps(dict(info), indent=1).encode())
+
+    def killed(self, step: int, task: str) -> dict[str, Any] | None:
+        return self._read(self._path(step, f"{task}.killed.json"))
 
     def mark_queued(self, step: int, task: str, info: Mapping[str, Any]) -> None:
         """Record that (step, task) is being handed to an Evaluator (`info["actor"]`: its name)."""

@@ -80,6 +80,17 @@ class EvalSpec(Section):
     """Evaluate every committed checkpoint; false = only the final one."""
     workers: Int = Field(default=1, ge=1, le=4096)
     """Evaluation actors running in parallel."""
+    timeout_s: Float | None = Field(default=14_400.0, ge=1, le=604_800)
+    """Seconds one (checkpoint, task) unit may run on an evaluator before the evaluator counts as
+    hung: it is killed and restarted, and the unit tried again. null = no timeout. The default, 4 h,
+    is about twice an estimate (not a measurement) of the longest unit in jobs/stars_numina.yaml:
+    gsm8k's 1319 problems at depths 1-16 with a 2048-token budget on a 1.4B LoopLM and one A800. Set
+    it to a few times the seconds your units take (each done record in the ledger says); short tasks
+    (addition takes seconds) catch a hang sooner with a lower value."""
+    max_attempts: Int = Field(default=3, ge=1, le=100)
+    """Tries per (checkpoint, task) unit: after this many timed out or lost their evaluator, the unit
+    is recorded as failed (its MLflow eval run ends FAILED with the reason in the tag
+    `stars.eval.failure`), never scored again, and training goes on."""
     resources: EvalResources = Field(default_factory=EvalResources)
     """Resources of each evaluation actor."""
     benchmark_paths: dict[MathBenchmark, str] = Field(default_factory=dict)
