@@ -20,6 +20,7 @@ Ray ledger) that must not pull torch in at import time.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -42,6 +43,26 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(UserError):
     """A path that is not a usable checkpoint (not a directory, no model, no tokenizer, unsafe state)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (the disk is full, the storage unreachable). Nothing of
+    it was committed, so it is never resumed from nor scored; the checkpoints before it stay. Its
+    message is one line naming the checkpoint, where it was written and why: what a failed trial
+    reports (`stars.ray_backend.sweep.failure_reason`)."""
+
+
+#: errno values that mean "no room", worded for the user.
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def checkpoint_write_error(exc: OSError, checkpoint: str, where: str) -> CheckpointWriteError:
+    """The error to raise when writing the checkpoint named `checkpoint` into `where` failed with `exc`."""
+    cause = _NO_ROOM.get(exc.errno) or next(iter(str(exc).strip().splitlines()), type(exc).__name__)[:300]
+    return CheckpointWriteError(
+        f"checkpoint {checkpoint} could not be written to {where}: {cause}; the checkpoints committed "
+        "before it are kept, and submitting the job again resumes from the last one"
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -81,13 +102,16 @@ def save_checkpoint(
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint drowns the progress lines
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_model(model, path / MODEL_DIR)  # an Ouro-derived model in Ouro's own layout
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path / MODEL_DIR)
-    (path / TASK_FILE).write_text(json.dumps(dict(task_description), indent=2))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-               path / TRAINER_STATE)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(model, path / MODEL_DIR)  # an Ouro-derived model in Ouro's own layout
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path / MODEL_DIR)
+        (path / TASK_FILE).write_text(json.dumps(dict(task_description), indent=2))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
+                   path / TRAINER_STATE)
+    except OSError as exc:  # a full or failing local disk (torch.save reports its own as RuntimeError)
+        raise checkpoint_write_error(exc, path.name, str(path.parent)) from exc
     return path
 
 

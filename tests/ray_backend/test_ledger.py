@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stars.checkpoint import TASK_FILE, step_dir_name
+from stars.checkpoint import TASK_FILE, TRAINER_STATE, step_dir_name
 from stars.ray_backend.ledger import RAY_RUN_SNAPSHOT, EvalLedger, committed_checkpoints
 
 
@@ -64,12 +64,15 @@ def _checkpoint_dirs(run: Path, steps) -> None:
     for s in steps:
         (run / step_dir_name(s)).mkdir(parents=True)
         (run / step_dir_name(s) / TASK_FILE).write_text("{}")
+        (run / step_dir_name(s) / TRAINER_STATE).write_bytes(b"")
 
 
 def test_without_a_ray_snapshot_committed_checkpoints_are_the_complete_step_directories(tmp_path):
     run = tmp_path / "run"
     _checkpoint_dirs(run, (20, 10, 30))
     (run / "step_0000040").mkdir()  # being written: no stars_task.json yet
+    (run / "step_0000050").mkdir()  # cut short by a full disk: the task file but no trainer state
+    (run / "step_0000050" / TASK_FILE).write_text("{}")
     (run / "eval").mkdir()
     assert committed_checkpoints(str(run)) == ["step_0000010", "step_0000020", "step_0000030"]
     assert committed_checkpoints(str(tmp_path / "no-such-run")) == []

@@ -60,7 +60,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     start = time.perf_counter()
     spec = resolve_spec(spec)
     tracker = Tracker.from_spec(spec) if spec.tracking.enabled else None
-    ensure_ray(address, job_name=spec.name, console=console)
+    # resources.env_vars: in this process and in the job's runtime env, so every process of the job has them
+    ensure_ray(address, job_name=spec.name, env_vars=spec.resources.env_vars, console=console)
     job_run = tracker.start_job(spec) if tracker else None
     if tracker:
         console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.train
 
-from stars.checkpoint import TASK_FILE, step_dir_name, step_of
+from stars.checkpoint import TASK_FILE, TRAINER_STATE, step_dir_name, step_of
 
 # Ray Train V2's run snapshot (`ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`).
 # Only its presence is checked here; its content is read by Ray itself (`ray.train.Result.from_path`).
@@ -205,7 +205,10 @@ def committed_checkpoints(run_dir: str) -> list[str]:
         names = set()
         for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             name = info.path.rsplit("/", 1)[-1]
-            if step_of(name) is not None and fs.get_file_info(f"{info.path}/{TASK_FILE}").type == pafs.FileType.File:
+            # Both files: a write cut short (a full disk) can leave the task file without the trainer
+            # state, which `stars.checkpoint.save_checkpoint` writes last.
+            files = [fs.get_file_info(f"{info.path}/{f}").type for f in (TASK_FILE, TRAINER_STATE)]
+            if step_of(name) is not None and all(t == pafs.FileType.File for t in files):
                 names.add(name)
     return sorted(names, key=lambda n: step_of(n) or -1)
 

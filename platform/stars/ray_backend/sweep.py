@@ -38,6 +38,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 import ray
 
+from stars.checkpoint import CheckpointWriteError
 from stars.ray_backend.evaluation import EvaluationService
 from stars.ray_backend.ledger import storage_filesystem
 from stars.ray_backend.training import TrialResult, run_dir_for, run_name_for, run_trial
@@ -137,6 +138,9 @@ def failure_reason(exc: BaseException) -> str:
     diverged = _DIVERGED.search(str(exc))
     if diverged:  # stars.train.TrainingDiverged, raised on a worker
         return diverged.group(0)
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train: each failed rank's own exception
+        if isinstance(failure, CheckpointWriteError):  # already one line: what, where, why
+            return str(failure)
     while True:
         if isinstance(exc, TrialFailed):
             return str(exc)

@@ -20,7 +20,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from stars.checkpoint import step_dir_name
+from stars.checkpoint import checkpoint_write_error, step_dir_name
 from stars.ray_backend.ledger import EvalLedger
 from stars.ray_backend.metrics import TrainMetrics
 from stars.spec import JobSpec, is_local_path, spec_hash
@@ -137,8 +137,13 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
         if eval_tasks:  # scored beside training: these trail the checkpoint being reported by one or more
             metrics = {**EvalLedger(config.run_dir).latest_summary(eval_tasks), **metrics}
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
-                         validation=config.validate and checkpoint is not None)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                             validation=config.validate and checkpoint is not None)
+        except OSError as exc:  # copying it to storage failed (after Ray's retries): never committed
+            if checkpoint is None:
+                raise
+            raise checkpoint_write_error(exc, name, config.run_dir or spec.resources.storage_path) from exc
         if ckpt_dir:  # now persisted in storage; the local copy is no longer needed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
