@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -21,39 +20,16 @@ import pytest
 from stars.ray_backend.job import run_job
 from stars.tracking import Tracker, find_journals, journal_status
 
-from ..tracking.conftest import free_port, running_mlflow_server
+from ..tracking.conftest import RestartableMlflowServer
 
 pytestmark = pytest.mark.ray
 
 OUTAGE_S = 30.0
 
 
-class Server:
-    """A SQLite-backed `mlflow server` on a fixed port, stopped and started again at will."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._ctx: AbstractContextManager[str] | None = None
-
-    def _args(self, port: int) -> list[str]:
-        return ["--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-                "--artifacts-destination", str(self.root / "art")]
-
-    def start(self) -> None:
-        self._ctx = running_mlflow_server(self._args, {}, self.root / "server.log", port=self.port)
-        self._ctx.__enter__()
-
-    def stop(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(None, None, None)
-            self._ctx = None
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "mlflow")
+    srv = RestartableMlflowServer(tmp_path / "mlflow")
     srv.root.mkdir()
     srv.start()
     try:
@@ -66,7 +42,7 @@ def journal_lines(storage: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in find_journals(storage)) if storage.exists() else 0
 
 
-def stop_server_once_logging(server: Server, storage: Path, restart_after: float | None, out: dict) -> None:
+def stop_server_once_logging(server: RestartableMlflowServer, storage: Path, restart_after: float | None, out: dict) -> None:
     """Stop the server once training has logged a few steps; start it again `restart_after` s later."""
     deadline = time.monotonic() + 300
     while journal_lines(storage) < 3:

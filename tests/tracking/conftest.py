@@ -228,6 +228,30 @@ def mlflow_postgres_server(postgres_cluster: PostgresCluster, tmp_path_factory) 
         yield MlflowServer(url, backend, artifacts)
 
 
+class RestartableMlflowServer:
+    """A SQLite-backed `mlflow server` under `root` on one fixed port, stopped and started again at will
+    (same store, same URL): what a tracking outage looks like to a client."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._ctx: AbstractContextManager[str] | None = None
+
+    def _args(self, port: int) -> list[str]:
+        return ["--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+                "--artifacts-destination", str(self.root / "art")]
+
+    def start(self) -> None:
+        self._ctx = running_mlflow_server(self._args, {}, self.root / "server.log", port=self.port)
+        assert self._ctx.__enter__() == self.url
+
+    def stop(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+
 @pytest.fixture
 def mlflow_server_runner() -> Callable[..., AbstractContextManager[str]]:
     """`running_mlflow_server`, for a test that starts a server of its own configuration."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from pathlib import Path
 
 import pytest
 
 from stars.tracking import MetricOutbox, Tracker, find_journals, journal_status
 
-from .conftest import free_port
+from .conftest import RestartableMlflowServer
 
 
 @pytest.fixture(autouse=True)
@@ -29,32 +26,9 @@ def short_client_retries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-class Server:
-    """One SQLite-backed `mlflow server`, started and stopped at will on a fixed port."""
-
-    def __init__(self, runner: Callable[..., AbstractContextManager[str]], root: Path) -> None:
-        self.runner, self.root, self.port = runner, root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._ctx: AbstractContextManager[str] | None = None
-
-    def _args(self, port: int) -> list[str]:
-        return ["--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-                "--artifacts-destination", str(self.root / "art")]
-
-    def start(self) -> None:
-        self._ctx = self.runner(self._args, {}, self.root / "server.log", port=self.port)
-        assert self._ctx.__enter__() == self.url
-
-    def stop(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(None, None, None)
-            self._ctx = None
-
-
 @pytest.fixture
-def server(mlflow_server_runner, tmp_path):
-    srv = Server(mlflow_server_runner, tmp_path)
+def server(tmp_path):
+    srv = RestartableMlflowServer(tmp_path)
     srv.start()
     try:
         yield srv
