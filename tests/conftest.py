@@ -10,16 +10,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group markers
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) every test that starts Ray
-    runs on one worker, in file order: one local Ray at a time, as without xdist (two Rays on one
-    machine confuse Ray Train's helper actors), while the other worker takes the tests without Ray."""
-    for item in items:
-        if item.get_closest_marker("ray") is not None or "ray_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray per test module (4 logical CPUs: 2 training workers + driver-side actors).
