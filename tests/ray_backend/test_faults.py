@@ -9,8 +9,6 @@
   is one line naming the cause and the place, also the trial's `stars.failure` tag; the checkpoint
   before it still loads, and the half-written one is neither committed nor scored. A full local disk
   while rank 0 saves the checkpoint before the copy is the same one line;
-- a training worker is SIGKILLed with no restart left (`resources.max_failures: 0`): one line says so and
-  names the committed checkpoint a resubmission resumes from, which loads;
 - `resources.env_vars` reach every process of a run started here: the driver (its MLflow run's
   `stars.git_sha` comes from $STARS_GIT_SHA), the Ray Train controller, the training workers and the
   evaluators (each read from /proc/<pid>/environ), and their values are not printed; inside a
@@ -304,50 +302,3 @@ def test_a_full_disk_while_writing_a_checkpoint_ends_the_job_with_one_clear_line
     assert EvalLedger(run_dir).done_steps("addition") == [every]
     assert not (Path(run_dir) / "eval" / step_dir_name(2 * every)).exists()
     assert [r.data.tags["stars.step"] for r in _eval_runs(client, job.info.run_id)] == [str(every)]
-
-
-def _kill_every_training_worker_once_committed(run_dir: str, stop, out: dict) -> None:
-    from ray._private import state
-
-    deadline = time.time() + 240
-    while not stop.is_set() and time.time() < deadline:
-        committed = _committed_steps(run_dir)
-        if committed:
-            for actor in state.actors().values():
-                if actor.get("ActorClassName") == "RayTrainWorker" and actor.get("State") == "ALIVE":
-                    os.kill(int(actor["Pid"]), signal.SIGKILL)
-                    out["committed"] = max(committed)
-            if "committed" in out:
-                return
-        time.sleep(0.1)
-
-
-@pytest.mark.ray
-def test_a_worker_death_with_no_restarts_left_ends_the_job_with_one_line_and_a_loadable_checkpoint(
-        ray_cluster, tiny_spec):
-    """`resources.max_failures` used up: the trial fails with one line saying a training worker died, that
-    no restart was left, and which committed checkpoint a resubmission resumes from."""
-    import threading
-
-    spec = resolve_spec(tiny_spec(**{"train.max_steps": 400, "train.checkpoint_every": 20, "train.log_every": 10,
-                                     "train.global_batch_size": 64, "resources.max_failures": 0,
-                                     "eval.tasks": []}))
-    run_dir = run_dir_for(spec)
-    stop, killed = threading.Event(), {}
-    killer = threading.Thread(target=_kill_every_training_worker_once_committed, args=(run_dir, stop, killed))
-    killer.start()
-    lines: list[str] = []
-    try:
-        result = run_job(spec, console=lines.append)
-    finally:
-        stop.set()
-        killer.join()
-    assert "committed" in killed
-    (failed,) = result.failed
-    last = committed_checkpoints(run_dir)[-1]
-    assert step_of(last) >= killed["committed"]
-    assert failed.reason.startswith("a training worker died"), failed.reason
-    assert (f"no restart left (resources.max_failures: 0); submitting the job again resumes from its last "
-            f"committed checkpoint, {last}") in failed.reason
-    assert "\n" not in failed.reason and any(failed.reason in line for line in lines)
-    assert load_checkpoint(os.path.join(run_dir, last)).step == step_of(last)

@@ -40,7 +40,7 @@ import ray
 
 from stars.checkpoint import CheckpointWriteError
 from stars.ray_backend.evaluation import EvaluationService
-from stars.ray_backend.ledger import committed_checkpoints, storage_filesystem
+from stars.ray_backend.ledger import storage_filesystem
 from stars.ray_backend.training import TrialResult, run_dir_for, run_name_for, run_trial
 from stars.spec import JobSpec, Trial
 from stars.tracking import Tracker
@@ -117,8 +117,6 @@ class TrialRunner:
                 ev.finish_trial(spec, run_id, result.storage_dir, result.checkpoint_path, trial.index)
         except Exception as exc:  # noqa: BLE001 - every failure ends this trial only, with its reason
             reason = failure_reason(exc)
-            if _worker_died(exc):
-                reason = f"{reason}; {restarts_used_up(spec, run_dir)}"
             if tracker and run_id:
                 tracker.close_run(run_id, "FAILED" if run_id != self.job_run_id else None,
                                   tags={TAG_FAILURE: reason}, console=_console)
@@ -143,9 +141,6 @@ def failure_reason(exc: BaseException) -> str:
     for failure in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train: each failed rank's own exception
         if isinstance(failure, CheckpointWriteError):  # already one line: what, where, why
             return str(failure)
-    if _worker_died(exc):
-        return ("a training worker died (its process ended without an error of its own: killed, out of "
-                "memory, or crashed)")
     while True:
         if isinstance(exc, TrialFailed):
             return str(exc)
@@ -156,26 +151,6 @@ def failure_reason(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     last = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith(("File ", "["))), None)
     return f"{type(exc).__name__}: {last or (lines[0] if lines else '')}"[:500]
-
-
-def _worker_died(exc: BaseException) -> bool:
-    """Ray Train gave up on a worker whose process died (SIGKILL, the OOM killer, a segfault), as opposed
-    to one whose code raised; Ray puts that in its own long paragraph."""
-    failures = list((getattr(exc, "worker_failures", None) or {}).values()) or [exc]
-    return any(isinstance(f, ray.exceptions.ActorDiedError) or _ACTOR_DIED in str(f) for f in failures)
-
-
-_ACTOR_DIED = "The actor is dead because its worker process has died"
-
-
-def restarts_used_up(spec: JobSpec, run_dir: str) -> str:
-    """What a trial that Ray Train stopped retrying leaves: which restarts are gone, where a resubmission
-    resumes."""
-    committed = committed_checkpoints(run_dir)
-    resume = (f"submitting the job again resumes from its last committed checkpoint, {committed[-1]}" if committed
-              else "no checkpoint was committed, so submitting the job again starts from the beginning")
-    n = spec.resources.max_failures
-    return f"no restart left (resources.max_failures: {n}); {resume}"
 
 
 def default_concurrency(spec: JobSpec, n_trials: int) -> int:
