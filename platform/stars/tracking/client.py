@@ -136,6 +136,13 @@ def ray_job_id() -> str | None:
     return None
 
 
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters of it): how an MLflow client error is
+    shown in one warning line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def train_metric_names(metrics: Mapping[str, float]) -> dict[str, float]:
     """Training metrics under their MLflow names: keys may come with or without the `train/` prefix
     (`loss` or `train/loss`)."""
@@ -330,9 +337,8 @@ class Tracker:
                 self.end(run_id, status)
             return True
         except Exception as exc:  # noqa: BLE001 - the client raises several types for "unreachable"
-            first = str(exc).splitlines()[0][:200] if str(exc) else ""
             console(f"[stars] WARNING: MLflow at {self.uri} unreachable: run {run_id} not marked "
-                    f"{status or 'with its final tags'} ({type(exc).__name__}: {first})")
+                    f"{status or 'with its final tags'} ({error_line(exc)})")
             return False
 
     # logging -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 
-from stars.tracking.client import Tracker
+from stars.tracking.client import Tracker, error_line
 
 __all__ = [
     "JournalStatus",
@@ -217,7 +217,7 @@ class MetricOutbox:
                 self._drained.set()
 
     def _on_failure(self, exc: Exception) -> None:
-        self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self._last_error = error_line(exc)
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             self.console(f"[stars] MLflow at {self.tracker.uri} unreachable ({self._last_error}); training goes "
@@ -262,6 +262,5 @@ def sync_journals(root: str | Path, uri: str | None = None) -> list[SyncOutcome]
             sent = send_journal(journal, Tracker(target), status.run_id)
             outcomes.append(SyncOutcome(journal, status.run_id, str(target), sent))
         except Exception as exc:  # noqa: BLE001 - reported per journal; the rest still go
-            outcomes.append(SyncOutcome(journal, status.run_id, str(target), 0,
-                                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
+            outcomes.append(SyncOutcome(journal, status.run_id, str(target), 0, error_line(exc)))
     return outcomes
