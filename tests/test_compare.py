@@ -326,3 +326,79 @@ def test_starsctl_compare_main_table_user_errors_exit_2(paper, args, message):
 def test_starsctl_compare_depth_table_rejects_main_table_options(store):
     res = runner.invoke(app, ["compare", "cmp", "--label", "x", "--tracking-uri", store["uri"]])
     assert res.exit_code == 2 and "--label: not an option of --table depth" in res.output
+
+
+# ----------------------------------------------------------------------------- seeds, depth columns, wall
+SEED_ACC = {  # (weight index, seed) -> accuracy at every depth
+    (0, 0): 0.5, (0, 1): 0.7, (0, 2): 0.6,
+    (1, 0): 0.9, (1, 1): 1.0, (1, 2): 0.8,
+}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> dict:
+    """Experiment `seeded`: 2 weights x 3 seeds, one checkpoint each; the trial runs are ended, so
+    they have a wall time."""
+    root = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{root}/mlflow.db"
+    spec = resolve_spec(JobSpec.model_validate({
+        "name": "seeded", "data": {"task": "addition"}, "train": {"max_steps": 20},
+        "sweep": {"grid": {"stars.jsrr.weight": [0.0, 0.1]}, "seeds": [0, 1, 2]}, "tracking": {"uri": uri},
+    }), cwd=root)
+    tracker = Tracker(uri, artifact_root=str(root / "mlruns"))
+    job = tracker.start_job(spec, git=GIT)
+    keys = {}
+    for trial in sweep_trials(spec):
+        run = tracker.start_trial(job, trial)
+        weight, seed = [0.0, 0.1].index(trial.spec.stars.jsrr.weight), trial.spec.seed
+        keys[trial.key] = (weight, seed)
+        ev = tracker.start_eval(run, 20)
+        # accuracy falls by 0.1 per depth past 8 (a drop@16 that differs by seed)
+        acc = {d: max(0.0, SEED_ACC[weight, seed] - 0.05 * max(0, d - 8)) for d in DEPTHS}
+        log_eval(tracker, ev, run, 20, task_eval("addition", acc))
+        tracker.end(ev)
+        tracker.end(run)
+    return {"uri": uri, "keys": keys, "root": root}
+
+
+def test_seed_groups_are_the_mean_and_sd_over_seeds_of_one_setting(seeded):
+    from statistics import stdev
+
+    from stars.compare import seed_group
+
+    assert seed_group("job/t004-v=stars,seed=1@1500") == "job/v=stars"
+    assert seed_group("job/t002-seed=2@10") == "job"
+    assert seed_group("job/t001-weight=0.1,seed=0@20") == seed_group("job/t003-weight=0.1,seed=2@20")
+    comp = compare(["seeded"], "addition", tracking_uri=seeded["uri"], depths=[1, 8, 16])
+    assert comp.depths == [1, 8, 16] and len(comp.curves) == 6
+    assert all(c.wall_s is not None and c.wall_s >= 0 for c in comp.curves)
+    table = comp.seed_groups()
+    assert [r.n for r in table.rows] == [3, 3]
+    for row in table.rows:
+        weight = 0 if "weight=0.0" in row.label else 1
+        values = [SEED_ACC[weight, s] for s in range(3)]
+        assert row.acc[1] == pytest.approx((mean(values), stdev(values)))
+        assert row.acc[16] == pytest.approx((mean(v - 0.4 for v in values), stdev(values)))
+        drops = [0.4 / v for v in values]
+        assert row.drop[16] == pytest.approx((mean(drops), stdev(drops)))
+    md = table.markdown().splitlines()
+    assert md[0] == "| setting | seeds | 1 | 8 | 16 | peak | drop@8 | drop@16 | wall |"
+    assert len(md) == 4 and all(line.count("|") == md[0].count("|") for line in md)
+    parsed = list(csv.DictReader(io.StringIO(table.csv())))
+    assert float(parsed[0]["mean@16"]) == pytest.approx(table.rows[0].acc[16][0])
+
+
+def test_starsctl_compare_depth_columns_seeds_and_wall(seeded, tmp_path):
+    res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], "--depths", "1,4,16",
+                              "--markdown", "--out", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("|")]
+    assert rows[0] == "| run | 1 | 4 | 16 | peak | drop@8 | drop@16 | wall |" and len(rows) == 8
+    assert all(re.search(r"\| \d+\.\d min \|$", r) for r in rows[2:])
+    res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], "--seeds",
+                              "--out", str(tmp_path / "c.png"), "--csv", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    assert "mean ± sd over seeds" in res.output and " ± " in res.output
+    assert len(list(csv.DictReader(open(tmp_path / "s.csv")))) == 2
+    res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], "--table", "main", "--seeds"])
+    assert res.exit_code == 2 and "--seeds: not an option of --table main" in res.output

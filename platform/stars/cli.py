@@ -465,33 +465,41 @@ def compare(
                                    "results (math benchmarks at --depths, their average, its relative drop).")
     ] = CompareTable.depth,
     depths: Annotated[
-        str | None, typer.Option(help="--table main: loop depths, e.g. 4,8 (the default); drop = first -> last.")
+        str | None, typer.Option(help="Loop depths shown as columns, e.g. 1,2,4,8,16 (depth table: default every "
+                                 "depth evaluated; --table main: default 4,8, drop = first -> last).")
     ] = None,
     labels: Annotated[
         list[str], typer.Option("--label", help="--table main: row name per reference, in order (repeatable).")
     ] = [],  # noqa: B006 - typer reads the default
+    seeds: Annotated[
+        bool, typer.Option("--seeds", help="Depth table: one row per setting, mean ± sd over the trials that "
+                           "differ only in their seed (sweep.seeds).")
+    ] = False,
 ) -> None:
-    """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16) and one overlay PNG, or
-    with --table main the paper's main-results table (text, --markdown, and --csv FILE for either)."""
+    """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16, the trial's wall time) and
+    one overlay PNG, or with --table main the paper's main-results table (text, --markdown, and --csv
+    FILE for either)."""
     from stars.compare import CompareError, main_results, plot_comparison
     from stars.compare import compare as run_compare
 
     main = table is CompareTable.main
-    options = (("--task", task), ("--out", out)) if main else (("--depths", depths), ("--label", labels))
+    options = (("--task", task), ("--out", out), ("--seeds", seeds)) if main else (("--label", labels),)
     misplaced = [name for name, value in options if value]
     if misplaced:
         _fail(f"starsctl compare: {', '.join(misplaced)}: not an option of --table {table.value}")
+    shown = _depths_option(depths, "--depths") if depths else None
     try:
         if main:
-            result = main_results(refs, _depths_option(depths, "--depths") if depths else None,
-                                  labels=labels or None, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
+            result = main_results(refs, shown, labels=labels or None, tracking_uri=tracking_uri, step=step,
+                                  all_steps=all_steps)
         else:
-            result = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps)
+            result = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps, depths=shown)
     except CompareError as exc:
         _fail(f"starsctl compare: {exc}")
-    typer.echo(result.markdown() if markdown else result.table())
+    shown_table = result.seed_groups() if seeds else result
+    typer.echo(shown_table.markdown() if markdown else shown_table.table())
     if csv_path is not None:
-        csv_path.write_text(result.csv())
+        csv_path.write_text(shown_table.csv())
         typer.echo(f"wrote {csv_path}")
     if not main:
         png = plot_comparison(result, out if out is not None else Path(f"compare-{result.task}.png"))

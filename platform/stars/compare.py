@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class DepthCurve:
     step: int | None
     acc: dict[int, float]
     summary: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None  # the trial run's start to end in MLflow (a resumed trial: its first start)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Comparison:
 
     def csv(self) -> str:
         return format_csv(self)
+
+    def seed_groups(self) -> SeedTable:
+        return seed_groups(self)
 
 
 def _quote(value: str) -> str:
@@ -237,9 +242,11 @@ def compare(
     png: str | Path | None = None,
     step: int | None = None,
     all_steps: bool = False,
+    depths: Sequence[int] | None = None,
 ) -> Comparison:
     """Read the `task` depth curves of the referenced runs/experiments; write the overlay PNG to
-    `png` when given. `task=None` works when the runs hold exactly one task."""
+    `png` when given. `task=None` works when the runs hold exactly one task. `depths` chooses the
+    table's depth columns (default: every depth evaluated); peak and drops use the whole curve."""
     client = _open_store(refs, tracking_uri)
     runs = select_eval_runs(client, refs, step=step, all_steps=all_steps)
     available = tasks_of(runs)
@@ -252,6 +259,7 @@ def compare(
             f"no selected run has task {task!r} (no metric {task}/acc); tasks that exist: {', '.join(available) or 'none'}"
         )
     parents: dict[str, str] = {}
+    walls: dict[str, float | None] = {}
     curves, skipped = [], []
     for r in runs:
         label = _label(client, r, parents)
@@ -259,13 +267,29 @@ def compare(
             skipped.append(label)
             continue
         acc = read_curve(client, r.info.run_id, task)
-        curves.append(DepthCurve(label, r.info.run_id, r.data.tags.get(TAG_PARENT), _step(r), acc,
-                                 summary_metrics(task, acc)))
-    depths = sorted({d for c in curves for d in c.acc})
-    result = Comparison(task, curves, depths, skipped)
+        trial = r.data.tags.get(TAG_PARENT)
+        curves.append(DepthCurve(label, r.info.run_id, trial, _step(r), acc, summary_metrics(task, acc),
+                                 _wall_seconds(client, trial, walls) if trial else None))
+    shown = list(depths) if depths else sorted({d for c in curves for d in c.acc})
+    result = Comparison(task, curves, shown, skipped)
     if png is not None:
         plot_comparison(result, png)
     return result
+
+
+def _wall_seconds(client: Any, run_id: str, cache: dict[str, float | None]) -> float | None:
+    """Seconds from a trial run's start to its end in MLflow (None while it runs)."""
+    if run_id not in cache:
+        try:
+            info = client.get_run(run_id).info
+            cache[run_id] = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+        except Exception:  # noqa: BLE001 - a deleted parent: no wall time
+            cache[run_id] = None
+    return cache[run_id]
+
+
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def plot_comparison(comp: Comparison, path: str | Path) -> Path:
@@ -286,13 +310,15 @@ def format_table(comp: Comparison) -> str:
     width = max([len("run"), *(len(c.label) for c in comp.curves)])
     head = f"{'run':<{width}} " + " ".join(f"{d:>5}" for d in comp.depths)
     head += f" {'peak':>10} " + " ".join(f"{f'drop@{d}':>7}" for d in DROP_DEPTHS)
+    wall = _has_wall(comp)
+    head += f" {'wall':>9}" if wall else ""
     lines = [f"{t}/acc by depth", head]
     for c in comp.curves:
         cells = " ".join(f"{c.acc[d]:>5.3f}" if d in c.acc else f"{'-':>5}" for d in comp.depths)
         s = c.summary
         peak = f"{s[f'{t}/peak_acc']:.3f}@{int(s[f'{t}/best_depth'])}" if f"{t}/peak_acc" in s else "-"
         drops = " ".join(f"{_drop_cell(s, t, d):>7}" for d in DROP_DEPTHS)
-        lines.append(f"{c.label:<{width}} {cells} {peak:>10} {drops}")
+        lines.append(f"{c.label:<{width}} {cells} {peak:>10} {drops}" + (f" {_minutes(c.wall_s):>9}" if wall else ""))
     for label in comp.skipped:
         lines.append(f"(skipped {label}: no {t}/acc)")
     return "\n".join(lines)
@@ -301,15 +327,20 @@ def format_table(comp: Comparison) -> str:
 def format_markdown(comp: Comparison) -> str:
     """The same table as `format_table` as a Markdown table (for docs: `starsctl compare ... --markdown`)."""
     t = comp.task
-    head = ["run", *(str(d) for d in comp.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS)]
+    wall = _has_wall(comp)
+    head = ["run", *(str(d) for d in comp.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS), *(["wall"] * wall)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for c in comp.curves:
         s = c.summary
         peak = f"{s[f'{t}/peak_acc']:.3f}@{int(s[f'{t}/best_depth'])}" if f"{t}/peak_acc" in s else "-"
         cells = [f"`{c.label}`", *(f"{c.acc[d]:.3f}" if d in c.acc else "-" for d in comp.depths), peak,
-                 *(_drop_cell(s, t, d) for d in DROP_DEPTHS)]
+                 *(_drop_cell(s, t, d) for d in DROP_DEPTHS), *([_minutes(c.wall_s)] * wall)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _has_wall(comp: Comparison) -> bool:
+    return any(c.wall_s is not None for c in comp.curves)
 
 
 def format_csv(comp: Comparison) -> str:
@@ -319,14 +350,109 @@ def format_csv(comp: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["run", "eval_run_id", "step", *(f"acc@{d}" for d in comp.depths), "peak_acc", "best_depth",
-                     *(f"drop@{d}" for d in DROP_DEPTHS)])
+                     *(f"drop@{d}" for d in DROP_DEPTHS), "wall_s"])
     for c in comp.curves:
         s = c.summary
         best = s.get(f"{t}/best_depth")
         writer.writerow([c.label, c.run_id, "" if c.step is None else c.step,
                          *(c.acc.get(d, "") for d in comp.depths), s.get(f"{t}/peak_acc", ""),
-                         "" if best is None else int(best), *(s.get(f"{t}/drop_at_{d}", "") for d in DROP_DEPTHS)])
+                         "" if best is None else int(best), *(s.get(f"{t}/drop_at_{d}", "") for d in DROP_DEPTHS),
+                         "" if c.wall_s is None else round(c.wall_s, 1)])
     return buf.getvalue()
+
+
+# Seeds: trials that differ only in their seed, as one row (mean and spread over the seeds).
+_TRIAL_INDEX = re.compile(r"(^|/)t\d+-")
+_SEED = re.compile(r",?\bseed=\d+")
+
+
+def seed_group(label: str) -> str:
+    """A curve's label less what differs between seeds of one setting: the trial index, `seed=N` and
+    the checkpoint step (`job/t004-v=stars,seed=1@1500` -> `job/v=stars`)."""
+    base = label.rsplit("@", 1)[0]
+    base = _SEED.sub("", _TRIAL_INDEX.sub(r"\1", base))
+    return base.replace("-,", "-").rstrip("/,-") or base
+
+
+@dataclass
+class SeedRow:
+    label: str
+    n: int
+    acc: dict[int, tuple[float, float]]  # depth -> (mean, sd) over the seeds
+    peak: tuple[float, float]
+    drop: dict[int, tuple[float, float]]  # DROP_DEPTHS -> (mean, sd)
+    wall_s: float | None  # mean
+
+
+@dataclass
+class SeedTable:
+    """One row per setting: each depth's accuracy as mean and sample standard deviation over seeds."""
+
+    task: str
+    depths: list[int]
+    rows: list[SeedRow]
+
+    def _cells(self, row: SeedRow) -> list[str]:
+        return [*(_mean_sd(row.acc.get(d)) for d in self.depths), _mean_sd(row.peak),
+                *(_mean_sd(row.drop.get(d), pct=True) for d in DROP_DEPTHS), _minutes(row.wall_s)]
+
+    def _head(self) -> list[str]:
+        return ["setting", "seeds", *(str(d) for d in self.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS), "wall"]
+
+    def table(self) -> str:
+        rows = [self._head()] + [[r.label, str(r.n), *self._cells(r)] for r in self.rows]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"{self.task}/acc by depth, mean ± sd over seeds"]
+        for row in rows:
+            lines.append(" ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        head = self._head()
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join([f"`{r.label}`", str(r.n), *self._cells(r)]) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["setting", "seeds", *(f"{k}@{d}" for d in self.depths for k in ("mean", "sd")),
+                         "peak_mean", "peak_sd", *(f"drop@{d}_{k}" for d in DROP_DEPTHS for k in ("mean", "sd")),
+                         "wall_s"])
+        for r in self.rows:
+            writer.writerow([r.label, r.n, *(v for d in self.depths for v in r.acc.get(d, ("", ""))), *r.peak,
+                             *(v for d in DROP_DEPTHS for v in r.drop.get(d, ("", ""))),
+                             "" if r.wall_s is None else round(r.wall_s, 1)])
+        return buf.getvalue()
+
+
+def _mean_sd(value: tuple[float, float] | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    mean_, sd = value
+    return f"{100 * mean_:.1f}% ± {100 * sd:.1f}" if pct else f"{mean_:.3f} ± {sd:.3f}"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def seed_groups(comp: Comparison) -> SeedTable:
+    """`comp`'s curves grouped by `seed_group`, in the order settings first appear."""
+    t, groups = comp.task, {}
+    for c in comp.curves:
+        groups.setdefault(seed_group(c.label), []).append(c)
+    rows = []
+    for label, curves in groups.items():
+        acc = {d: _stats([c.acc[d] for c in curves if d in c.acc]) for d in comp.depths
+               if any(d in c.acc for c in curves)}
+        peaks = [c.summary[f"{t}/peak_acc"] for c in curves if f"{t}/peak_acc" in c.summary]
+        drops = {d: _stats(v) for d in DROP_DEPTHS
+                 if (v := [c.summary[f"{t}/drop_at_{d}"] for c in curves if f"{t}/drop_at_{d}" in c.summary])}
+        walls = [c.wall_s for c in curves if c.wall_s is not None]
+        rows.append(SeedRow(label, len(curves), acc, _stats(peaks) if peaks else (float("nan"), 0.0), drops,
+                            statistics.fmean(walls) if walls else None))
+    return SeedTable(t, list(comp.depths), rows)
 
 
 # The paper's main-results table: math benchmarks x loop depths, their average and its relative drop.
