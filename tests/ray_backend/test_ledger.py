@@ -135,3 +135,14 @@ def test_latest_summary_is_the_newest_checkpoint_with_every_task_scored(tmp_path
     # step 20 has no gsm8k yet: the newest step with both is 10
     assert ledger.latest_summary(["addition", "gsm8k"]) == {
         "eval/step": 10.0, "addition/peak_acc": 0.5, "gsm8k/peak_acc": 0.1}
+
+
+def test_storage_problem_names_a_path_that_cannot_be_written(tmp_path):
+    from stars.ray_backend.ledger import storage_problem
+
+    assert storage_problem(str(tmp_path / "runs")) is None
+    assert (tmp_path / "runs").is_dir() and list((tmp_path / "runs").iterdir()) == []  # the probe is removed
+    (tmp_path / "file").write_text("not a directory")
+    problem = storage_problem(str(tmp_path / "file" / "runs"))
+    assert problem.startswith(f"resources.storage_path '{tmp_path}/file/runs' cannot be written: ")
+    assert "\n" not in problem

@@ -122,3 +122,27 @@ def test_job_on_s3_storage_checkpoints_scores_and_resumes_there(ray_cluster, s3_
     assert not {k for k in after.keys() - kept.keys() if k.startswith(f"{run_prefix}step_")}
     state = _trainer_state(resumed.checkpoint_path)
     assert [s for s, _ in state["history"]] == list(range(1, 5))
+
+
+def test_storage_that_cannot_be_written_is_one_line_before_any_trial_or_run(ray_cluster, s3_bucket, tiny_spec,
+                                                                           monkeypatch):
+    """A bucket that does not exist, then an S3 endpoint that does not answer: the job stops with one
+    line naming `resources.storage_path` and the store's own reason, before an MLflow run is made or a
+    trial trains (`stars.ray_backend.ledger.storage_problem`)."""
+    from stars.ray_backend.job import UnrunnableSpecError
+
+    quiet = {"console": lambda line: None}
+    missing = tiny_spec(**{"resources.storage_path": "s3://no-such-bucket/runs"})
+    with pytest.raises(UnrunnableSpecError) as err:
+        run_job(missing, **quiet)
+    assert str(err.value).startswith("resources.storage_path 's3://no-such-bucket/runs' cannot be written: ")
+    assert "no-such-bucket" in str(err.value).split(": ", 1)[1] and "\n" not in str(err.value)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    gone = tiny_spec(**{"resources.storage_path": f"s3://{BUCKET}/runs"})
+    with pytest.raises(UnrunnableSpecError) as err:
+        run_job(gone, **quiet)
+    assert str(err.value).startswith(f"resources.storage_path 's3://{BUCKET}/runs' cannot be written: ")
+    assert "connect" in str(err.value).lower() and "\n" not in str(err.value)
+    client = MlflowClient(gone.tracking.uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

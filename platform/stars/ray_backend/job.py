@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 class UnrunnableSpecError(UserError):
-    """A valid spec that cannot run on this machine (its model checkpoint is not here); refused
-    before Ray starts, so no cluster time is spent."""
+    """A valid spec that cannot run where it was started: its model checkpoint is not there (refused
+    before Ray starts), or its storage cannot be written (refused before any trial starts)."""
 
 
 @dataclass
@@ -54,6 +54,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     # Ray, torch and MLflow load only now: a spec refused above costs neither cluster time nor imports.
     from stars.ray_backend.cluster import ensure_ray
     from stars.ray_backend.evaluation import EvaluationService
+    from stars.ray_backend.ledger import storage_problem
     from stars.ray_backend.sweep import TrialFailed, TrialOutcome, TrialRunner, run_sweep
     from stars.tracking import Tracker
 
@@ -62,6 +63,11 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     tracker = Tracker.from_spec(spec) if spec.tracking.enabled else None
     # resources.env_vars: in this process and in the job's runtime env, so every process of the job has them
     ensure_ray(address, job_name=spec.name, env_vars=spec.resources.env_vars, console=console)
+    # After ensure_ray, which sets the spec's env_vars here (an S3 store's credentials may be among
+    # them); before any MLflow run or trial exists.
+    problem = storage_problem(spec.resources.storage_path)
+    if problem:
+        raise UnrunnableSpecError(problem)
     job_run = tracker.start_job(spec) if tracker else None
     if tracker:
         console(f"[stars] MLflow run {job_run} in experiment {spec.experiment or spec.name!r} at {spec.tracking.uri}")

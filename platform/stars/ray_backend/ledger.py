@@ -35,6 +35,27 @@ def storage_filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(run_dir)
 
 
+def storage_problem(storage_path: str) -> str | None:
+    """Why the job's storage cannot take its checkpoints, found before any trial starts: the directory cannot
+    be created or written (permissions, a read-only or full disk, a missing mount) or a remote store
+    does not answer (endpoint, credentials, bucket). None once a probe file was written and removed.
+
+    Checked up front because Ray Train meets the same error only when the first checkpoint is saved,
+    after the cluster has started and trained up to it, and reports it in a paragraph."""
+    try:
+        fs, root = storage_filesystem(storage_path)
+        fs.create_dir(root, recursive=True)
+        probe = f"{root}/.stars-write-probe-{os.getpid()}-{time.time_ns()}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as exc:  # pyarrow raises OSError for I/O and network, ValueError for a URI
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return (f"resources.storage_path {storage_path!r} cannot be written: "
+                f"{lines[0] if lines else type(exc).__name__}")
+    return None
+
+
 class EvalLedger:
     """Which (checkpoint, task) are scored, on the run's shared storage (local path or URI):
 
