@@ -52,49 +52,74 @@ def _committed_steps(storage: str) -> list[int]:
     return steps
 
 
-def _kill_training_worker_once_committed(storage: str, stop: threading.Event, out: dict) -> None:
+def _kill_training_workers_as_they_commit(storage: str, stop: threading.Event, kills: list, times: int) -> None:
+    """SIGKILL the live training worker each time a checkpoint later than the last kill's is committed
+    (the first time: once one is), `times` times; record (last committed step, pids) per kill."""
     from ray._private import state
 
-    deadline = time.time() + 240
-    while not stop.is_set() and time.time() < deadline:
+    deadline, dead = time.time() + 240, set()
+    while not stop.is_set() and time.time() < deadline and len(kills) < times:
         committed = _committed_steps(storage)
-        if committed:
-            for actor in state.actors().values():
-                if actor.get("ActorClassName") == "RayTrainWorker" and actor.get("State") == "ALIVE":
-                    os.kill(int(actor["Pid"]), signal.SIGKILL)
-                    out.setdefault("pids", []).append(int(actor["Pid"]))
-            if out.get("pids"):
-                out["committed"] = max(committed)
-                return
+        if committed and max(committed) > (kills[-1][0] if kills else -1):
+            pids = [int(a["Pid"]) for a in state.actors().values()
+                    if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE"
+                    and int(a["Pid"]) not in dead]
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            if pids:
+                dead.update(pids)
+                kills.append((max(committed), pids))
         time.sleep(0.1)
 
 
-def test_killed_worker_resumes_from_last_checkpoint_without_losing_or_repeating_steps(ray_cluster, tiny_spec):
-    spec = tiny_spec(**{"train.max_steps": 300, "train.checkpoint_every": 20, "train.log_every": 10,
-                        "resources.max_failures": 2, "model.d_model": 64, "model.d_ff": 128,
-                        "train.global_batch_size": 64})
-    stop = threading.Event()
-    killed: dict = {}
-    killer = threading.Thread(
-        target=_kill_training_worker_once_committed, args=(spec.resources.storage_path, stop, killed)
-    )
+def test_a_killed_worker_resumes_without_a_step_lost_and_with_no_restart_left_the_job_says_so(ray_cluster, tiny_spec):
+    """`resources.max_failures: 1` and the training worker SIGKILLed twice. The first time Ray Train
+    restarts it and training resumes from the last committed checkpoint with no step lost or repeated;
+    the second time no restart is left: the job fails with one line that says so and names the committed
+    checkpoint a resubmission resumes from, and that checkpoint loads."""
+    from stars.checkpoint import load_checkpoint, step_of
+    from stars.ray_backend.ledger import committed_checkpoints
+    from stars.ray_backend.sweep import WORKER_DIED
+    from stars.ray_backend.training import run_dir_for
+    from stars.spec import resolve_spec
+
+    spec = resolve_spec(tiny_spec(**{"train.max_steps": 400, "train.checkpoint_every": 20, "train.log_every": 10,
+                                     "resources.max_failures": 1, "model.d_model": 64, "model.d_ff": 128,
+                                     "train.global_batch_size": 64, "eval.tasks": []}))
+    stop, kills = threading.Event(), []
+    killer = threading.Thread(target=_kill_training_workers_as_they_commit,
+                              args=(spec.resources.storage_path, stop, kills, 2))
     killer.start()
+    lines: list[str] = []
     try:
-        result = run_job(spec, console=lambda line: None)
+        result = run_job(spec, console=lines.append)
     finally:
         stop.set()
         killer.join()
-    assert killed.get("pids"), "the training worker was never killed (the run ended before a checkpoint?)"
-    final = load_trainer_state(result.trials[0].checkpoint_path)
+    assert len(kills) == 2, f"the training worker was killed {len(kills)} times (the run ended first?)"
+    (failed,) = result.failed
+    run_dir = run_dir_for(spec)
+    last = committed_checkpoints(run_dir)[-1]
+    assert failed.reason == (f"{WORKER_DIED}; no restart left (resources.max_failures: 1); submitting the job "
+                             f"again resumes from its last committed checkpoint, {last}")
+    assert any(failed.reason in line for line in lines)  # the job's summary line
+    client = MlflowClient(spec.tracking.uri)
+    job = client.get_run(result.job_run_id)
+    assert job.info.status == "FAILED" and job.data.tags["stars.failure"] == failed.reason
+    step = step_of(last)
+    assert step >= kills[1][0] > kills[0][0]
+    state = load_checkpoint(os.path.join(run_dir, last))
+    assert state.step == step
+    trainer = load_trainer_state(os.path.join(run_dir, last))
     sampler = build_sampler(spec)
-    # Every step exactly once, with the depth the sampler gives that step: nothing lost or repeated.
-    assert final["history"] == [(s + 1, sampler(s)) for s in range(300)]
-    # It resumed once, from a committed checkpoint at least as late as the one seen before the kill.
-    assert len(final["resumes"]) == 1
-    assert final["resumes"][0] % 20 == 0 and final["resumes"][0] >= killed["committed"]
-    # MLflow's curve has each logged step once, though steps after the checkpoint were re-run.
-    steps = [m.step for m in MlflowClient(spec.tracking.uri).get_metric_history(result.job_run_id, "train/loss")]
-    assert sorted(steps) == list(range(10, 301, 10))
+    # Every step up to the checkpoint exactly once, with the depth the sampler gives that step: the
+    # restart after the first kill lost and repeated nothing.
+    assert trainer["history"] == [(s + 1, sampler(s)) for s in range(step)]
+    (resumed_at,) = trainer["resumes"]
+    assert resumed_at % 20 == 0 and kills[0][0] <= resumed_at < step
+    # MLflow's curve has each logged step once, though steps after a checkpoint were re-run.
+    steps = [m.step for m in client.get_metric_history(result.job_run_id, "train/loss")]
+    assert sorted(steps) == sorted(set(steps)) and set(range(10, step + 1, 10)) <= set(steps)
 
 
 def test_run_directories_follow_what_training_computes(tiny_spec):

@@ -55,7 +55,13 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
     from stars.ray_backend.cluster import ensure_ray
     from stars.ray_backend.evaluation import EvaluationService
     from stars.ray_backend.ledger import storage_problem
-    from stars.ray_backend.sweep import TrialFailed, TrialOutcome, TrialRunner, run_sweep
+    from stars.ray_backend.sweep import (
+        TrialFailed,
+        TrialOutcome,
+        TrialRunner,
+        explain_worker_deaths,
+        run_sweep,
+    )
     from stars.tracking import Tracker
 
     start = time.perf_counter()
@@ -86,6 +92,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
             result.outcomes = [outcome]
         else:
             result.outcomes = run_sweep(spec, trials, runner, console=console)
+        result.outcomes = explain_worker_deaths(result.outcomes, trials, tracker, job_run)
     except BaseException:
         if tracker:
             # Ctrl-C, or a stop: `ray.init` turns SIGTERM (`starsctl stop`) into SystemExit.

@@ -22,6 +22,8 @@ anything started, so Tune gets only the trial index to run, never a search space
 - Resume: a trial that finished writes `stars_trial_done.json` into its run directory; submitting the
   job again runs only trials without it, each from its last checkpoint (same run directory, same MLflow
   run through its `stars.run_key`).
+- A training worker that died with no restart left: the driver adds which checkpoint a resubmission
+  resumes from to the trial's reason (`explain_worker_deaths`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import pyarrow.fs as pafs
@@ -40,10 +42,10 @@ import ray
 
 from stars.checkpoint import CheckpointWriteError
 from stars.ray_backend.evaluation import EvaluationService
-from stars.ray_backend.ledger import storage_filesystem
+from stars.ray_backend.ledger import committed_checkpoints, storage_filesystem
 from stars.ray_backend.training import TrialResult, run_dir_for, run_name_for, run_trial
 from stars.spec import JobSpec, Trial
-from stars.tracking import Tracker
+from stars.tracking import TAG_TRIAL, Tracker
 
 TRIAL_DONE = "stars_trial_done.json"
 TAG_FAILURE = "stars.failure"
@@ -141,6 +143,8 @@ def failure_reason(exc: BaseException) -> str:
     for failure in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train: each failed rank's own exception
         if isinstance(failure, CheckpointWriteError):  # already one line: what, where, why
             return str(failure)
+    if _worker_died(exc):
+        return WORKER_DIED
     while True:
         if isinstance(exc, TrialFailed):
             return str(exc)
@@ -151,6 +155,55 @@ def failure_reason(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     last = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith(("File ", "["))), None)
     return f"{type(exc).__name__}: {last or (lines[0] if lines else '')}"[:500]
+
+
+#: A trial's reason when Ray Train gave up on a worker whose process died (SIGKILL, the OOM killer, a
+#: segfault) rather than one whose code raised; Ray says so in a paragraph of its own.
+WORKER_DIED = "a training worker died (its process ended without an error of its own: killed, out of memory, or crashed)"
+_ACTOR_DIED = "The actor is dead because its worker process has died"
+
+
+def _worker_died(exc: BaseException) -> bool:
+    failures = list((getattr(exc, "worker_failures", None) or {}).values()) or [exc]
+    return any(isinstance(f, ray.exceptions.ActorDiedError) or _ACTOR_DIED in str(f) for f in failures)
+
+
+def explain_worker_deaths(outcomes: Sequence[TrialOutcome], trials: Sequence[Trial], tracker: Tracker | None,
+                          job_run_id: str | None) -> list[TrialOutcome]:
+    """Once the trials have ended, in the driver: a trial whose worker died with no restart left also
+    says what happens next (`resources.max_failures` is used up; which committed checkpoint a
+    resubmission resumes from), in its reason and its `stars.failure` tag.
+
+    Here rather than in the trial's own failure path: that path also runs while an interrupted driver
+    shuts down its trials, and is kept to what the exception alone says."""
+    by_key = {t.key: t for t in trials}
+    explained = []
+    for outcome in outcomes:
+        if outcome.status == "failed" and outcome.reason == WORKER_DIED:
+            trial = by_key[outcome.key]
+            outcome = replace(outcome, reason=f"{WORKER_DIED}; {restarts_used_up(trial.spec, trial_run_dir(trial))}")
+            run_id = outcome.run_id or _trial_run_id(tracker, job_run_id, trial)
+            if tracker and run_id:
+                tracker.set_tags(run_id, {TAG_FAILURE: outcome.reason})
+        explained.append(outcome)
+    return explained
+
+
+def _trial_run_id(tracker: Tracker | None, job_run_id: str | None, trial: Trial) -> str | None:
+    if not (tracker and job_run_id):
+        return None
+    if not trial.assignments:  # no sweep: the job run is the trial's run
+        return job_run_id
+    runs = [r for r in tracker.child_runs(job_run_id, "trial") if r.data.tags.get(TAG_TRIAL) == trial.key]
+    return runs[0].info.run_id if runs else None
+
+
+def restarts_used_up(spec: JobSpec, run_dir: str) -> str:
+    """What a trial that Ray Train stopped restarting leaves: where a resubmission resumes."""
+    committed = committed_checkpoints(run_dir)
+    resume = (f"submitting the job again resumes from its last committed checkpoint, {committed[-1]}" if committed
+              else "no checkpoint was committed, so submitting the job again starts from the beginning")
+    return f"no restart left (resources.max_failures: {spec.resources.max_failures}); {resume}"
 
 
 def default_concurrency(spec: JobSpec, n_trials: int) -> int:
