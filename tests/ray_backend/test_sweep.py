@@ -23,39 +23,16 @@ def _children(client: MlflowClient, job_run_id: str) -> list:
                               filter_string=f"tags.`mlflow.parentRunId` = '{job_run_id}' and tags.`stars.kind` = 'trial'")
 
 
-def test_four_trials_two_at_a_time_then_resume_only_the_unfinished(ray_cluster, tiny_spec, tmp_path):
-    spec = tiny_spec(**{
-        "train.max_steps": 6, "train.checkpoint_every": 6, "train.warmup_steps": 1,
-        "sweep.grid": {"model.norm.type": ["layernorm", "rmsnorm"], "stars.jsrr.weight": [0.0, 0.1]},
-        "sweep.max_concurrent_trials": 2,
-    })
-    result = run_job(spec, **QUIET)
-    assert [o.status for o in result.outcomes] == ["finished"] * 4 and not result.failed
-    client = MlflowClient(spec.tracking.uri)
-    children = _children(client, result.job_run_id)
-    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
-    assert sorted(c.info.run_name for c in children) == sorted(f"tiny/{o.key}" for o in result.outcomes)
-    # Two trials ran at the same time: some pair of trial runs overlaps in time.
-    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
-    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
-    for child in children:  # each trial's checkpoint was scored: an eval run with a depth curve
-        (ev,) = client.search_runs([child.info.experiment_id],
-                                   filter_string=f"tags.`mlflow.parentRunId` = '{child.info.run_id}'")
-        assert [m.step for m in client.get_metric_history(ev.info.run_id, "addition/acc")] == [1, 2, 3, 4]
-    # The parent run holds the sweep's table (4 trials x depths) and per-trial summaries.
-    table = client.download_artifacts(result.job_run_id, "sweep/depth_curves.csv", str(tmp_path))
-    rows = open(table).read().splitlines()
-    assert rows[0].startswith("trial,status,task,step,1,2,3,4,peak_acc") and len(rows) == 5
-    with open(table, newline="") as f:  # keys hold commas: the cells are quoted
-        assert [r["trial"] for r in csv.DictReader(f)] == [o.key for o in result.outcomes]
-    assert "trials/t003/addition/peak_acc" in client.get_run(result.job_run_id).data.metrics
+def test_four_trials_two_at_a_time_interrupted_then_resubmitted_run_only_the_unfinished(
+        ray_cluster, tiny_spec, tmp_path):
+    """One sweep for the three things a sweep must do (one job: each costs ~30 s of Ray Train start-up).
 
-
-def test_an_interrupted_sweep_resubmitted_runs_only_the_unfinished_trials(ray_cluster, tiny_spec, tmp_path):
-    """A real interrupt: `starsctl submit` in its own process (joined to the test's Ray) gets Ctrl-C
-    once two of four trials are done, and is killed if it lingers. Submitting the job again (with an
-    eval-only change: same run directories) runs only the other two, from their checkpoints, into the
-    same MLflow runs; no run is duplicated."""
+    Concurrency: 4 trials, `max_concurrent_trials: 2`; two trial runs overlap in time. A real interrupt:
+    `starsctl submit` in its own process (joined to the test's Ray) gets Ctrl-C once two trials are
+    done, and is killed if it lingers. Resume: submitting the job again (with an eval-only change: same
+    run directories) runs only the unfinished trials, from their checkpoints, into the same MLflow runs;
+    no run is duplicated, no step logged twice, no checkpoint scored twice. At the end the parent run
+    holds the sweep's table and per-trial summaries."""
     import os
     import signal
     import subprocess
@@ -67,7 +44,8 @@ def test_an_interrupted_sweep_resubmitted_runs_only_the_unfinished_trials(ray_cl
 
     spec = tiny_spec(**{
         "train.max_steps": 8, "train.checkpoint_every": 4, "train.warmup_steps": 1,
-        "sweep.grid": {"stars.jsrr.weight": [0.0, 0.05, 0.1, 0.2]}, "sweep.max_concurrent_trials": 1,
+        "sweep.grid": {"model.norm.type": ["layernorm", "rmsnorm"], "stars.jsrr.weight": [0.0, 0.1]},
+        "sweep.max_concurrent_trials": 2,
     })
     (tmp_path / "sweep.yaml").write_text(resolved_yaml(spec))
     done = [tmp_path / trial_run_dir(t) / TRIAL_DONE for t in sweep_trials(spec)]
@@ -77,7 +55,7 @@ def test_an_interrupted_sweep_resubmitted_runs_only_the_unfinished_trials(ray_cl
     deadline = time.time() + 300
     while sum(p.exists() for p in done) < 2 and driver.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    assert sum(p.exists() for p in done) == 2, driver.stderr.read()[-3000:] if driver.poll() is not None else ""
+    assert sum(p.exists() for p in done) >= 2, driver.stderr.read()[-3000:] if driver.poll() is not None else ""
     driver.send_signal(signal.SIGINT)  # Ctrl-C
     try:
         driver.wait(timeout=60)
@@ -85,20 +63,38 @@ def test_an_interrupted_sweep_resubmitted_runs_only_the_unfinished_trials(ray_cl
         driver.kill()
         driver.wait()
     assert driver.returncode != 0
-    assert [p.exists() for p in done] == [True, True, False, False]
+    finished_before = [p.exists() for p in done]
+    assert 2 <= sum(finished_before) < 4, finished_before  # trials take ~20 s: Ctrl-C lands mid-sweep
 
     resumed = run_job(apply_overrides(spec, {"eval.limit": 16}), **QUIET)
-    assert [o.status for o in resumed.outcomes] == ["skipped", "skipped", "finished", "finished"]
-    assert all(p.exists() for p in done)
+    assert [o.status for o in resumed.outcomes] == ["skipped" if f else "finished" for f in finished_before]
+    assert all(p.exists() for p in done) and not resumed.failed
     client = MlflowClient(spec.tracking.uri)
     experiment = client.get_experiment_by_name(spec.experiment or spec.name)
     jobs = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'job'")
     assert len(jobs) == 1 and jobs[0].info.run_id == resumed.job_run_id  # the same job run, resumed
     children = _children(client, resumed.job_run_id)
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
-    for child in children:  # every trial trained to the end, each step logged once
+    assert sorted(c.info.run_name for c in children) == sorted(f"tiny/{o.key}" for o in resumed.outcomes)
+    # Two trials ran at the same time: the two that finished first overlap in time.
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert spans[1][0] < spans[0][1], spans
+    for child in children:  # every trial trained to the end, each step logged once ...
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
         assert sorted(steps) == sorted(set(steps)) and max(steps) == 8, (child.info.run_name, steps)
+        # ... and each of its checkpoints was scored once: an eval run per step with a depth curve.
+        evals = client.search_runs([child.info.experiment_id],
+                                   filter_string=f"tags.`mlflow.parentRunId` = '{child.info.run_id}'")
+        assert sorted(int(ev.data.tags["stars.step"]) for ev in evals) == [4, 8], child.info.run_name
+        for ev in evals:
+            assert [m.step for m in client.get_metric_history(ev.info.run_id, "addition/acc")] == [1, 2, 3, 4]
+    # The parent run holds the sweep's table (4 trials x depths) and per-trial summaries.
+    table = client.download_artifacts(resumed.job_run_id, "sweep/depth_curves.csv", str(tmp_path))
+    rows = open(table).read().splitlines()
+    assert rows[0].startswith("trial,status,task,step,1,2,3,4,peak_acc") and len(rows) == 5
+    with open(table, newline="") as f:  # keys hold commas: the cells are quoted
+        assert [r["trial"] for r in csv.DictReader(f)] == [o.key for o in resumed.outcomes]
+    assert "trials/t003/addition/peak_acc" in client.get_run(resumed.job_run_id).data.metrics
 
 
 def test_a_diverging_trial_fails_alone_with_its_reason(ray_cluster, tiny_spec):

@@ -21,7 +21,9 @@ anything started, so Tune gets only the trial index to run, never a search space
   `stars.failure` "stopped early by ASHA ...".
 - Resume: a trial that finished writes `stars_trial_done.json` into its run directory; submitting the
   job again runs only trials without it, each from its last checkpoint (same run directory, same MLflow
-  run through its `stars.run_key`).
+  run through its `stars.run_key`). The done marker decides: a trial that wrote it finished, whatever
+  Tune says. Ctrl-C interrupts the job (Tune's own SIGINT handling, which would stop the trials and
+  return as if they had ended, is off); the job run ends KILLED and unfinished trials resume later.
 - A training worker that died with no restart left: the driver adds which checkpoint a resubmission
   resumes from to the trial's reason (`explain_worker_deaths`).
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -281,6 +284,11 @@ def run_sweep(
             max_t=max(stop.grace_period, *(_reports(t.spec) for t in todo)) + 1,
         )
     first = todo[0].spec
+    # Ctrl-C is an interrupt of the whole job, not a stop of its trials: without this Tune catches the
+    # first SIGINT, stops the trials and returns from fit() as if they had ended, and the job would
+    # record them as stopped. A KeyboardInterrupt instead ends the job run KILLED (stars.ray_backend.job)
+    # and leaves every unfinished trial to resume from its checkpoint on the next submission.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner = tune.Tuner(
         # The trainable only drives its TorchTrainer (whose workers hold the real resources): a token
         # CPU share keeps Tune from counting it against the training workers.
@@ -305,11 +313,13 @@ def run_sweep(
     tracker = Tracker.from_spec(spec) if runner.job_run_id else None
     for result in grid:
         trial = by_index[result.config["trial"]]
-        if result.error is not None:
+        # The done marker first: a trial that wrote it finished, even when Tune stopped its trainable
+        # before it returned (Ctrl-C then makes Tune's fit() return, with that trial unfinished).
+        if (result.metrics or {}).get("stars/finished") or is_done(trial):
+            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
+        elif result.error is not None:
             outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error),
                                                  run_dir=trial_run_dir(trial))
-        elif (result.metrics or {}).get("stars/finished"):
-            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
         else:
             reason = f"stopped early by ASHA on {stop.metric}" if stop else "stopped by Ray Tune"
             outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason, run_dir=trial_run_dir(trial))
