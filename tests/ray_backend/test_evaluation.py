@@ -93,38 +93,6 @@ def check_all_scored(
     return client, runs
 
 
-def test_every_checkpoint_is_scored_at_16_depths_despite_pruning_and_a_restart(ray_cluster, store):
-    spec = eval_job(store, "evaljob")
-    result = run_job(spec, console=lambda line: None)
-    client, runs = check_all_scored(spec, result)
-    run_dir = Path(result.trials[0].storage_dir)
-    # keep_checkpoints=1: Ray pruned step 10 and 20, but only after they were scored (above)
-    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_0000030"]
-    ledger = EvalLedger(str(run_dir))
-    record = ledger.done(20, "addition")
-    assert record["eval_run_id"] == runs[20].info.run_id and len(record["acc"]) == 16
-    # the summary on the trial run is the summary of the logged curve
-    curve = {m.step: m.value for m in client.get_metric_history(runs[30].info.run_id, "addition/acc")}
-    peak = client.get_metric_history(result.job_run_id, "addition/peak_acc")
-    assert [m.value for m in peak if m.step == 30] == [max(curve.values())]
-
-    # A restarted job: the driver's sweep after fit() (what a re-run of this job executes once Ray
-    # has re-queued its pending validations) scores exactly the unit whose done marker is missing.
-    done_before = {s: ledger.done(s, "addition")["finished"] for s in STEPS}
-    (run_dir / "eval" / "step_0000030" / "addition.done.json").unlink()
-    service = EvaluationService(resolve_spec(spec)).start()
-    try:
-        summaries = service.finish_trial(resolve_spec(spec), result.job_run_id, str(run_dir), None)
-    finally:
-        service.stop()
-    assert sorted(summaries) == [30] and summaries[30]["addition/peak_acc"] == max(curve.values())
-    check_all_scored(spec, result)  # still 3 eval runs, 16 points each: nothing logged twice
-    done_after = {s: ledger.done(s, "addition")["finished"] for s in STEPS}
-    assert done_after[10] == done_before[10] and done_after[20] == done_before[20]
-    assert done_after[30] > done_before[30]
-    assert ledger.done(30, "addition")["attempts"] == 2 and ledger.done(20, "addition")["attempts"] == 1
-
-
 def _kill_evaluator_while_it_works(
     run_root: Path, stop: threading.Event, killed: list[tuple[int, int]], job: str
 ) -> None:
@@ -145,7 +113,11 @@ def _kill_evaluator_while_it_works(
         time.sleep(0.02)
 
 
-def test_a_killed_evaluator_is_replaced_and_no_checkpoint_is_left_unscored(ray_cluster, store):
+def test_every_checkpoint_is_scored_once_despite_a_killed_evaluator_pruning_and_a_restart(ray_cluster, store):
+    """One job (Ray Train's start-up is most of a tiny job's time) for three ways to lose a score: the
+    Evaluator working on a unit is SIGKILLed (the actor is replaced and the unit redone), Ray prunes
+    checkpoints (keep_checkpoints=1) that are still waiting to be scored, and the job is restarted
+    with one done marker gone (only that unit is scored again)."""
     # more power iterations: the unit takes long enough to be killed in the middle of it
     spec = eval_job(store, "evalkill", rho_depths="1-16", rho_iters=30)
     stop, killed = threading.Event(), []
@@ -160,12 +132,39 @@ def test_a_killed_evaluator_is_replaced_and_no_checkpoint_is_left_unscored(ray_c
         killer.join()
     assert killed, "no Evaluator was killed (did evaluation start?)"
     client, runs = check_all_scored(spec, result, rho_depths=range(1, 17))
-    ledger = EvalLedger(result.trials[0].storage_dir)
+    run_dir = Path(result.trials[0].storage_dir)
+    ledger = EvalLedger(str(run_dir))
     pids = {s: ledger.done(s, "addition")["pid"] for s in STEPS}
     pid, step = killed[0]
     assert pid not in pids.values()  # the unit it was working on was redone by the restarted actor
     attempts = {s: ledger.done(s, "addition")["attempts"] for s in STEPS}
     assert attempts[step] == 2 and all(attempts[s] == 1 for s in STEPS if s != step)  # the ledger counts claims
+
+    # keep_checkpoints=1: Ray pruned step 10 and 20, but only after they were scored (above)
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_0000030"]
+    record = ledger.done(20, "addition")
+    assert record["eval_run_id"] == runs[20].info.run_id and len(record["acc"]) == 16
+    # the summary on the trial run is the summary of the logged curve
+    curve = {m.step: m.value for m in client.get_metric_history(runs[30].info.run_id, "addition/acc")}
+    peak = client.get_metric_history(result.job_run_id, "addition/peak_acc")
+    assert [m.value for m in peak if m.step == 30] == [max(curve.values())]
+
+    # A restarted job: the driver's sweep after fit() (what a re-run of this job executes once Ray
+    # has re-queued its pending validations) scores exactly the unit whose done marker is missing.
+    done_before = {s: ledger.done(s, "addition")["finished"] for s in STEPS}
+    (run_dir / "eval" / "step_0000030" / "addition.done.json").unlink()
+    service = EvaluationService(resolve_spec(spec)).start()
+    try:
+        summaries = service.finish_trial(resolve_spec(spec), result.job_run_id, str(run_dir), None)
+    finally:
+        service.stop()
+    assert sorted(summaries) == [30] and summaries[30]["addition/peak_acc"] == max(curve.values())
+    check_all_scored(spec, result, rho_depths=range(1, 17))  # still 3 eval runs, 16 points each: nothing logged twice
+    done_after = {s: ledger.done(s, "addition")["finished"] for s in STEPS}
+    assert done_after[10] == done_before[10] and done_after[20] == done_before[20]
+    assert done_after[30] > done_before[30]
+    assert ledger.done(30, "addition")["attempts"] == attempts[30] + 1
+    assert ledger.done(20, "addition")["attempts"] == attempts[20]
 
 
 def _freeze_evaluators(

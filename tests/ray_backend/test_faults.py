@@ -9,10 +9,11 @@
   is one line naming the cause and the place, also the trial's `stars.failure` tag; the checkpoint
   before it still loads, and the half-written one is neither committed nor scored. A full local disk
   while rank 0 saves the checkpoint before the copy is the same one line;
-- `resources.env_vars` reach every process of a run started here: the driver (its MLflow run's
-  `stars.git_sha` comes from $STARS_GIT_SHA), the Ray Train controller, the training workers and the
-  evaluators (each read from /proc/<pid>/environ), and their values are not printed; inside a
-  submitted job, whose runtime env carries them already, none is set twice (which `ray.init` refuses).
+- `resources.env_vars` reach every process of a run started here (shown by the killed driver's job
+  above): the driver (its MLflow run's `stars.git_sha` comes from $STARS_GIT_SHA), the Ray Train
+  controller, the training workers and the evaluators (each read from /proc/<pid>/environ), and their
+  values are not printed; inside a submitted job, whose runtime env carries them already, none is set
+  twice (which `ray.init` refuses).
 
 The drivers that are killed, fail or are probed run as real `python -m stars.run` processes joined to
 the module's Ray (`RAY_ADDRESS`); the resubmission after the kill runs in the test's own process.
@@ -103,18 +104,32 @@ def _eval_runs(client: MlflowClient, job_run_id: str) -> list:
 
 
 @pytest.mark.ray
-def test_a_sigkilled_driver_resubmitted_resumes_from_its_last_committed_checkpoint(ray_cluster, tiny_spec, tmp_path):
+def test_a_sigkilled_driver_resubmitted_resumes_from_its_last_committed_checkpoint(
+        ray_cluster, tiny_spec, tmp_path, monkeypatch):
+    """The killed driver also shows that `resources.env_vars` reach every process of a run started
+    here (one job for both: Ray Train's start-up is most of a tiny job's time)."""
     max_steps, every = 15, 5
+    secret = "s3cr3t-value-never-printed"
+    env_vars = {"STARS_PROBE": "yes", "STARS_PROBE_TOKEN": secret, "STARS_GIT_SHA": "probe-sha"}
     spec = resolve_spec(tiny_spec(**{"train.max_steps": max_steps, "train.checkpoint_every": every,
-                                     "train.log_every": 1, "train.warmup_steps": 1}))
+                                     "train.log_every": 1, "train.warmup_steps": 1, "resources.env_vars": env_vars}))
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(resolved_yaml(spec))
     run_dir = run_dir_for(spec)
+    assert "STARS_PROBE" not in os.environ  # what the job's processes have comes from the spec
 
     first_log = tmp_path / "first.log"
     driver = _driver(spec_file, ray_cluster, first_log)
+    seen: dict[str, str | None] = {}
+
+    def probed_and_committed() -> bool:
+        job_id = _driver_job_id(driver.pid)
+        if job_id:
+            _probe_job_processes(job_id, "STARS_PROBE", seen)
+        return bool(_committed_steps(run_dir)) and len(seen) == len(PROCESS_KINDS)
+
     try:
-        _wait_for(lambda: _committed_steps(run_dir), DRIVER_START_TIMEOUT_S, "a committed checkpoint", driver, first_log)
+        _wait_for(probed_and_committed, DRIVER_START_TIMEOUT_S, "a committed checkpoint", driver, first_log)
         job_id = _driver_job_id(driver.pid)
         driver.send_signal(signal.SIGKILL)
     finally:
@@ -123,6 +138,9 @@ def test_a_sigkilled_driver_resubmitted_resumes_from_its_last_committed_checkpoi
         driver.wait()
     assert driver.returncode == -signal.SIGKILL
     assert job_id is not None, "the driver never registered with Ray"
+    # Each kind of process the job ran had the variable, set from the spec; no value was printed.
+    assert seen == dict.fromkeys(PROCESS_KINDS, "yes")
+    assert secret not in first_log.read_text()
     _wait_for(lambda: _job_cleaned_up(ray_cluster, job_id), CLEANUP_TIMEOUT_S, "Ray to clean up the dead driver's job")
     committed_at_kill = _committed_steps(run_dir)  # nothing of the dead job writes any more
     assert committed_at_kill and max(committed_at_kill) < max_steps, committed_at_kill
@@ -130,7 +148,10 @@ def test_a_sigkilled_driver_resubmitted_resumes_from_its_last_committed_checkpoi
 
     first_run = re.search(r"^\[stars\] MLflow run (\w+) ", first_log.read_text(), re.M).group(1)
 
-    # The same spec again (in this process: the test's own Ray driver).
+    # The same spec again (in this process: the test's own Ray driver, which sets the spec's env_vars
+    # here too; monkeypatch takes them away again afterwards).
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
     result = run_job(spec, console=lambda line: None)
     assert not result.failed and result.trials[0].checkpoint_path.endswith(step_dir_name(max_steps))
     assert (Path(run_dir) / TRIAL_DONE).exists()
@@ -147,6 +168,8 @@ def test_a_sigkilled_driver_resubmitted_resumes_from_its_last_committed_checkpoi
     jobs = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'job'")
     assert [r.info.run_id for r in jobs] == [first_run] == [result.job_run_id]
     assert jobs[0].info.status == "FINISHED"
+    # The killed driver had the variables before it opened the job run ($STARS_GIT_SHA names the commit).
+    assert jobs[0].data.tags["stars.git_sha"] == "probe-sha"
     job_run_id = result.job_run_id
     assert [s for s, _ in tracker.metric_history(job_run_id, "train/loss")] == list(range(1, max_steps + 1))
 
@@ -187,43 +210,6 @@ def _probe_job_processes(job_id: str, name: str, seen: dict[str, str | None]) ->
             environ = _environ_of(int(actor["Pid"]))
             if environ:
                 seen[kind] = environ.get(name)
-
-
-@pytest.mark.ray
-def test_env_vars_reach_the_driver_the_train_controller_the_workers_and_the_evaluators(ray_cluster, tiny_spec, tmp_path):
-    secret = "s3cr3t-value-never-printed"
-    spec = resolve_spec(tiny_spec(**{
-        "train.max_steps": 4, "train.checkpoint_every": 2, "train.warmup_steps": 1,
-        "resources.env_vars": {"STARS_PROBE": "yes", "STARS_PROBE_TOKEN": secret, "STARS_GIT_SHA": "probe-sha"},
-    }))
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(resolved_yaml(spec))
-    log = tmp_path / "driver.log"
-    driver = _driver(spec_file, ray_cluster, log)
-    seen: dict[str, str | None] = {}
-    try:
-        job_id = _wait_for(lambda: _driver_job_id(driver.pid), DRIVER_START_TIMEOUT_S, "the driver to join Ray",
-                           driver, log)
-        while driver.poll() is None and len(seen) < len(PROCESS_KINDS):
-            _probe_job_processes(job_id, "STARS_PROBE", seen)
-            time.sleep(0.2)
-        driver.wait(timeout=240)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    output = log.read_text()
-    assert driver.returncode == 0, output[-3000:]
-    # Each kind of process the job ran has the variable, set from the spec (not inherited from this test).
-    assert "STARS_PROBE" not in os.environ
-    assert seen == dict.fromkeys(PROCESS_KINDS, "yes")
-    # The driver had them before it opened its MLflow run ($STARS_GIT_SHA names the commit there).
-    client = MlflowClient(spec.tracking.uri)
-    (job,) = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id],
-                                filter_string="tags.`stars.kind` = 'job'")
-    assert job.data.tags["stars.git_sha"] == "probe-sha"
-    assert secret not in output
-
 
 
 def test_a_submitted_job_sets_no_variable_its_runtime_env_sets_already(monkeypatch):
