@@ -22,9 +22,12 @@ from typer.core import TyperGroup
 
 from stars.errors import EXIT_USER_ERROR, UserError
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C'd command
+
 
 class _StarsGroup(TyperGroup):
-    """The one place where a user error becomes exit code 2: its lines on stderr, no traceback."""
+    """The one place where a user error becomes exit code 2 (its lines on stderr, no traceback) and
+    Ctrl-C exit code 130 with one line."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
         try:
@@ -33,6 +36,10 @@ class _StarsGroup(TyperGroup):
             for line in exc.lines():
                 typer.echo(line, err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:  # Ctrl-C: what happened and what to do, instead of click's "Aborted!"
+            typer.echo("\nstarsctl: interrupted. A job's MLflow run is marked KILLED; submitting the same spec "
+                       "again resumes it from its last committed checkpoints (finished trials are kept).", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 app = typer.Typer(
@@ -389,8 +396,20 @@ def eval_checkpoint(
     ] = None,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when visible, else cpu).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    experiment: Annotated[
+        str | None, typer.Option(help="Also log the result to MLflow, in this experiment, as a run that "
+                                 "`starsctl compare` reads (e.g. the base model's row of --table main).")
+    ] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="--experiment: the run's name (default: the checkpoint directory's name).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="--experiment: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                 "else ./mlflow.db).")
+    ] = None,
 ) -> None:
-    """Score one checkpoint at every depth, outside a job: accuracy, dynamics, summary."""
+    """Score one checkpoint at every depth, outside a job: accuracy, dynamics, summary; with
+    --experiment also into MLflow."""
     depth_list = _depths_option(depths, "--depths")
     rho_list = _depths_option(rho_depths, "--rho-depths") if rho_depths.strip() else []
     paths: dict[str, str] = {}
@@ -401,6 +420,8 @@ def eval_checkpoint(
         paths[name.strip()] = path.strip()
     if not checkpoint.exists():
         _fail(f"checkpoint {str(checkpoint)!r} does not exist")
+    if (run_name or tracking_uri) and not experiment:
+        _fail("starsctl eval: --run-name and --tracking-uri go with --experiment (where to log the result)")
     import json
 
     from stars.evaluation import evaluate_checkpoint, format_task_table, write_task_artifacts
@@ -420,6 +441,16 @@ def eval_checkpoint(
             json.dumps({"checkpoint": result.checkpoint, "step": result.step,
                         "tasks": {t: ev.to_json() for t, ev in result.tasks.items()}}, indent=1)
         )
+    if experiment:
+        from stars.tracking import Tracker, log_checkpoint_run, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri)
+        name = run_name or checkpoint.resolve().name
+        run_id, _ = log_checkpoint_run(Tracker(uri), experiment, name, step=result.step or 0,
+                                       checkpoint=str(result.checkpoint),
+                                       tasks={t: (ev.curves(), ev.summary) for t, ev in result.tasks.items()})
+        typer.echo(f"logged as MLflow run {run_id} ({name!r}, experiment {experiment!r}) at {uri}; "
+                   f"compare it: starsctl compare {name} ...", err=True)
     if as_json:
         typer.echo(json.dumps({"checkpoint": result.checkpoint, "step": result.step,
                                "tasks": {t: ev.to_json() for t, ev in result.tasks.items()}}, indent=1))

@@ -53,3 +53,36 @@ def test_eval_and_compare_help_import_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_base_model_scored_into_mlflow_is_a_row_of_the_main_table(math_ckpt, gsm8k_file, tmp_path):
+    """The paper's table has a row for the untrained base model, which no job scores: `starsctl eval
+    --experiment` files its scores as a run that `starsctl compare --table main` reads by name."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["eval", str(math_ckpt), "--task", "gsm8k", "--benchmark-path", f"gsm8k={gsm8k_file}",
+                              "--depths", "4,8", "--rho-depths", "", "--limit", "4", "--batch-size", "2",
+                              "--max-new-tokens", "6", "--out", str(out),
+                              "--experiment", "ouro-base", "--run-name", "base", "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    assert "compare it: starsctl compare base" in res.output
+    acc = json.loads((out / "eval.json").read_text())["tasks"]["gsm8k"]["acc"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ouro-base").experiment_id],
+                                filter_string="tags.`stars.kind` = 'checkpoint'")
+    assert run.info.run_name == "base" and run.info.status == "FINISHED"
+
+    table = tmp_path / "main.csv"
+    main = runner.invoke(app, ["compare", "--table", "main", "base", "--tracking-uri", uri, "--csv", str(table)])
+    assert main.exit_code == 0, main.output
+    (row,) = list(csv.DictReader(table.open()))
+    cells = {k: v for k, v in row.items() if k.lower().startswith("gsm8k")}
+    assert sorted(float(v) for v in cells.values()) == sorted(round(100 * acc[d], 2) for d in ("4", "8"))
+    assert "math500" in row["missing"]  # scored on gsm8k only: the others are '-' and left out of the average
+
+    again = runner.invoke(app, ["eval", str(math_ckpt), "--run-name", "base"])
+    assert again.exit_code == 2 and "--run-name and --tracking-uri go with --experiment" in again.output

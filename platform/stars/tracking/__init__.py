@@ -20,7 +20,7 @@ from stars.tracking.client import (
     resolve_tracking_uri,
     train_metric_names,
 )
-from stars.tracking.evaluation import log_task_eval
+from stars.tracking.evaluation import log_checkpoint_run, log_task_eval
 from stars.tracking.outbox import JournalStatus, MetricOutbox, find_journals, journal_status, send_journal
 from stars.tracking.params import (
     MAX_PARAM_KEY,
@@ -49,6 +49,7 @@ __all__ = [
     "git_info",
     "iter_secret_values",
     "journal_status",
+    "log_checkpoint_run",
     "log_task_eval",
     "param_key",
     "ray_job_id",

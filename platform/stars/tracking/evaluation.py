@@ -52,3 +52,32 @@ def log_task_eval(
         first = next(iter(summary))
         if int(step) not in {s for s, _ in tracker.metric_history(trial_run_id, first)}:
             tracker.log_metrics(trial_run_id, summary, int(step))
+
+
+def log_checkpoint_run(
+    tracker: Tracker,
+    experiment: str,
+    run_name: str,
+    *,
+    step: int,
+    checkpoint: str,
+    tasks: Mapping[str, tuple[Mapping[str, Mapping[int, float]], Mapping[str, float]]],
+) -> tuple[str, str]:
+    """A checkpoint scored outside a job (`starsctl eval --experiment`), filed like a job's so that
+    `starsctl compare` reads it: a run `run_name` (tag `stars.kind = checkpoint`) with one nested eval
+    run `eval@step=<step>`. `tasks` maps each task to its (curves, summary) as `log_task_eval` takes
+    them. This is how the base model gets its row in the paper's main table: it is never trained, so
+    no job scores it. The same name again reuses the run (curves it holds are not logged twice).
+    Returns (run id, eval run id)."""
+    from stars.tracking.client import TAG_KIND, TAG_NAME
+
+    experiment_id = tracker.experiment_id(experiment)
+    run_id, _ = tracker.get_or_create_run(experiment_id, f"checkpoint:{run_name}", run_name,
+                                          tags={TAG_KIND: "checkpoint", TAG_NAME: run_name,
+                                                "stars.checkpoint": checkpoint})
+    eval_run = tracker.start_eval(run_id, step)
+    for curves, summary in tasks.values():
+        log_task_eval(tracker, eval_run, run_id, step=step, curves=curves, summary=summary)
+    tracker.end(eval_run)
+    tracker.end(run_id)
+    return run_id, eval_run
