@@ -39,6 +39,8 @@ from stars.ray_backend.submit import MissingForwardEnvError, prepare_submission
 from stars.spec import JobSpec
 from stars.tracking.params import flatten_params
 
+ROOT = Path(__file__).resolve().parents[2]
+
 #: Small enough for 2 busy cores: the cost is Ray and torch starting, not the steps.
 JOB = textwrap.dedent("""\
     name: {name}
@@ -316,9 +318,22 @@ def mlflow_job_run(root: Path, name: str):
 
 @pytest.mark.ray
 def test_a_submitted_job_succeeds_and_is_listed_logged_and_tracked(head, long_job, tmp_path):
-    job = write_job(tmp_path, "cluster-tiny", 20, inline_secret="hf_inline_s3cr3t")
+    """The README's main job, `jobs/addition.yaml`, made tiny with `--set` (one trial: the sweep itself is
+    tests/ray_backend/test_sweep.py's), submitted to the head and followed to its end."""
+    tiny = {
+        "name": "cluster-tiny", "experiment": "cluster-tiny", "sweep.variants": "{}",
+        "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.n_block": 1,
+        "data.digits": 2, "data.num_train": 2000, "data.num_test": 32,
+        "train.max_steps": 20, "train.global_batch_size": 16, "train.warmup_steps": 2,
+        "train.checkpoint_every": 10, "train.log_every": 10, "stars.jsrr.start_step": 0,
+        "resources.storage_path": f"{tmp_path}/runs", "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "resources.forward_env": "[STARS_TEST_API_TOKEN]", "resources.env_vars": "{HF_TOKEN: hf_inline_s3cr3t}",
+        "eval.tasks": "[]",
+    }
+    overrides = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     env = {**head.env, "STARS_TEST_API_TOKEN": "fwd_s3cr3t"}
-    proc = starsctl("submit", job, "--wait", "--ship-code", env=env, cwd=tmp_path)  # the address: $RAY_ADDRESS
+    proc = starsctl("submit", ROOT / "jobs" / "addition.yaml", *overrides, "--wait", "--ship-code", env=env,
+                    cwd=tmp_path)  # the address: $RAY_ADDRESS
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = re.match(r"submitted (\S+) to " + re.escape(head.address), proc.stdout).group(1)
     assert "[stars] job 'cluster-tiny' done" in proc.stdout  # the logs, followed

@@ -1,6 +1,7 @@
 """`starsctl submit` for real: a subprocess in a fresh directory, its own embedded Ray, the default
 local MLflow store (./mlflow.db), checkpoints under ./stars_runs."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,9 @@ def test_starsctl_submit_runs_the_job_into_the_local_store(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[stars] job 'tiny-submit' done" in proc.stdout
+    # an embedded run says where its dashboard is and how to log in to it (token auth is on)
+    assert re.search(r"^Ray dashboard: http://127\.0\.0\.1:\d+$", proc.stdout, re.M), proc.stdout[:2000]
+    assert re.search(r"^Ray dashboard token: .*`ray get-auth-token`", proc.stdout, re.M), proc.stdout[:2000]
     # the job ends with its final depth curve, as `starsctl compare` shows it
     table = proc.stdout[proc.stdout.index("addition/acc by depth"):].splitlines()
     assert table[1].split()[:5] == ["run", "1", "2", "3", "4"] and table[2].startswith("tiny-submit@30 ")
