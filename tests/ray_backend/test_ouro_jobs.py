@@ -66,10 +66,10 @@ def overrides(ouro_dir: Path, tmp_path: Path) -> list[str]:
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
 
-# sft_numina.yaml is the same job at a fixed depth without JSRR (its spec is validated and dry-run with
-# every job in tests/test_jobs.py); running it here too would cost another ~45 s of the suite.
-@pytest.mark.parametrize("job", ["stars_numina"])
+@pytest.mark.parametrize("job", ["stars_numina", "sft_numina"])
 def test_the_ouro_job_runs_end_to_end_on_the_tiny_checkpoint(ray_cluster, ouro_dir, tmp_path, job):
+    """The paper's two fine-tuning jobs as shipped, pointed at the tiny Ouro checkpoint and local data:
+    STARS (lognormal depths, JSRR) and its SFT baseline (fixed depth 4, no JSRR)."""
     result = CliRunner().invoke(app, ["submit", str(ROOT / "jobs" / f"{job}.yaml"), *overrides(ouro_dir, tmp_path)])
     assert result.exit_code == 0, result.output[-4000:]
 
@@ -88,6 +88,13 @@ def test_the_ouro_job_runs_end_to_end_on_the_tiny_checkpoint(ray_cluster, ouro_d
     experiment = client.get_experiment_by_name("stars-ouro-1.4b")
     (job_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'job'")
     assert job_run.info.status == "FINISHED" and job_run.data.params["model.source"] == "ouro"
+    depths = {m.value for m in client.get_metric_history(job_run.info.run_id, "train/depth")}
+    jsrr = [m.value for m in client.get_metric_history(job_run.info.run_id, "train/jsrr")]
+    if job == "sft_numina":  # trained at its one depth, without the penalty
+        assert job_run.data.params["stars.loop_sampling.kind"] == "fixed" and depths == {4.0}
+        assert job_run.data.params["stars.jsrr.weight"] == "0.0" and not any(jsrr)
+    else:
+        assert job_run.data.params["stars.loop_sampling.kind"] == "lognormal" and any(jsrr)
     evals = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'eval'")
     assert sorted(r.data.tags["stars.step"] for r in evals) == ["2", "4"]
     for run in evals:
