@@ -108,6 +108,36 @@ def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path):
     assert error_lines(submit)[-1].startswith(f"cannot reach the Ray Jobs API at {closed}")
 
 
+def test_a_head_that_answers_with_an_error_is_one_line_and_exit_1():
+    """The cluster's own failure (here an HTTP server answering 500 to everything, as a sick head would):
+    one line naming the address and Ray's error, exit 1, no traceback; the user's own mistakes are exit 2."""
+    import http.server
+    import threading
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal error")
+
+        do_GET = do_POST = _fail
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        proc = starsctl("status", "stars-some-job", "--address", address,
+                        env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t" * 32))
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert error_lines(proc) == [f"starsctl: the Ray Jobs API at {address} failed: 500 Server Error: Internal "
+                                 f"Server Error for url: {address}/api/version"]
+
+
 def test_a_remote_address_with_a_local_store_is_refused_before_anything_is_sent(tmp_path):
     """A remote head: a sqlite store and a relative storage path are exit 2, all problems at once,
     before Ray is even imported."""

@@ -190,6 +190,9 @@ def _translated(address: str, job_id: str | None = None) -> Iterator[None]:
         raise ClusterAccessError(token_problem(address, refused="Authentication failed" in exc.message)) from None
     except (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise ClusterAccessError(f"{unreachable} ({type(exc).__name__}): {hint}") from None
+    except requests.exceptions.HTTPError as exc:  # the head answered with an error status (e.g. 500)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"the Ray Jobs API at {address} failed: {first}") from None
     except RuntimeError as exc:
         text = str(exc).strip()
         if job_id is not None and ("404" in text or "does not exist" in text):
