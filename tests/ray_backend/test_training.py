@@ -18,10 +18,18 @@ from stars.train import build_sampler
 pytestmark = pytest.mark.ray
 
 
-def test_two_worker_ddp_keeps_replicas_identical_and_learns(ray_cluster, tiny_spec):
+def test_two_worker_ddp_keeps_replicas_identical_learns_and_resubmitting_resumes_or_starts_fresh(
+        ray_cluster, tiny_spec):
+    """2-worker DDP, then the same job submitted again (one job for both: a tiny job is mostly Ray
+    Train's start-up): with only a logging field changed it finds its finished run (same directory, same
+    final checkpoint, no step trained again); with a training field changed it starts fresh in a new
+    directory. (Sweep trials: tests/ray_backend/test_sweep.py.)"""
+    from stars.spec import apply_overrides
+
     spec = tiny_spec(**{"resources.num_workers": 2, "train.max_steps": 40, "train.global_batch_size": 32,
                         "train.checkpoint_every": 20, "train.log_every": 5})
-    result = run_job(spec, console=lambda line: None)
+    quiet = {"console": lambda line: None}
+    result = run_job(spec, **quiet)
     (trial,) = result.trials
     checksums = trial.metrics["ddp/param_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
@@ -36,6 +44,15 @@ def test_two_worker_ddp_keeps_replicas_identical_and_learns(ray_cluster, tiny_sp
     assert params["resources.num_workers"] == "2" and params["stars.jsrr.weight"] == "0.1"
     final = load_trainer_state(trial.checkpoint_path)
     assert [s for s, _ in final["history"]] == list(range(1, 41))
+
+    again = run_job(apply_overrides(spec, {"train.log_every": 3}), **quiet).trials[0]
+    assert again.storage_dir == trial.storage_dir and again.checkpoint_path == trial.checkpoint_path
+    assert sorted(p.name for p in Path(trial.storage_dir).glob("step_*")) == ["step_0000020", "step_0000040"]
+    state = load_trainer_state(again.checkpoint_path)
+    assert state["resumes"] == [] and [s for s, _ in state["history"]] == list(range(1, 41))
+    fresh = run_job(apply_overrides(spec, {"train.lr": 1e-3, "eval.tasks": []}), **quiet).trials[0]
+    assert fresh.storage_dir != trial.storage_dir
+    assert load_trainer_state(fresh.checkpoint_path)["resumes"] == []
 
 
 def _committed_steps(storage: str) -> list[int]:
@@ -143,22 +160,3 @@ def test_run_directories_follow_what_training_computes(tiny_spec):
     assert first.startswith("tiny-t001-type=rmsnorm-")
     assert trial_dir(**{"eval.limit": 8, "resources.max_failures": 3}) == first
     assert trial_dir(**{"seed": 7}) != first
-
-
-def test_resubmitting_resumes_or_starts_fresh_by_what_changed(ray_cluster, tiny_spec):
-    """A job run to completion, then submitted again: with only a logging field changed it finds its
-    finished run (same directory, same final checkpoint, no step trained again); with a training field
-    changed it starts fresh in a new directory. (Sweep trials: tests/ray_backend/test_sweep.py.)"""
-    from stars.spec import apply_overrides
-
-    spec = tiny_spec(**{"train.max_steps": 4, "train.checkpoint_every": 4, "eval.tasks": []})
-    quiet = {"console": lambda line: None}
-    first = run_job(spec, **quiet).trials[0]
-    again = run_job(apply_overrides(spec, {"train.log_every": 3}), **quiet).trials[0]
-    assert again.storage_dir == first.storage_dir and again.checkpoint_path == first.checkpoint_path
-    assert sorted(p.name for p in Path(first.storage_dir).glob("step_*")) == ["step_0000004"]
-    state = load_trainer_state(again.checkpoint_path)
-    assert state["resumes"] == [] and [s for s, _ in state["history"]] == list(range(1, 5))
-    fresh = run_job(apply_overrides(spec, {"train.lr": 1e-3}), **quiet).trials[0]
-    assert fresh.storage_dir != first.storage_dir
-    assert load_trainer_state(fresh.checkpoint_path)["resumes"] == []
