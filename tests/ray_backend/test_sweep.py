@@ -102,26 +102,6 @@ def test_four_trials_two_at_a_time_interrupted_then_resubmitted_run_only_the_unf
     assert "trials/t003/addition/peak_acc" in client.get_run(resumed.job_run_id).data.metrics
 
 
-def test_a_diverging_trial_fails_alone_with_its_reason(ray_cluster, tiny_spec):
-    spec = tiny_spec(**{
-        "train.max_steps": 6, "train.checkpoint_every": 6, "train.warmup_steps": 0, "train.lr": 10.0,
-        "train.grad_clip": None, "train.schedule": "constant", "stars.jsrr.weight": 0.0,
-        "model.norm.position": "pre", "eval.tasks": [],
-        "sweep.grid": {"model.dtype": ["float32", "float16"]},  # fp16 weights at lr 10 overflow to NaN
-    })
-    result = run_job(spec, **QUIET)
-    statuses = {o.key: (o.status, o.reason) for o in result.outcomes}
-    assert statuses["t000-dtype=float32"] == ("finished", None)
-    status, reason = statuses["t001-dtype=float16"]
-    assert status == "failed" and reason.startswith("diverged at step ")
-    client = MlflowClient(spec.tracking.uri)
-    runs = {c.data.tags["stars.trial"]: c for c in _children(client, result.job_run_id)}
-    assert runs["t001-dtype=float16"].info.status == "FAILED"
-    assert runs["t001-dtype=float16"].data.tags["stars.failure"] == reason
-    assert runs["t000-dtype=float32"].info.status == "FINISHED"
-    assert client.get_run(result.job_run_id).info.status == "FAILED"
-
-
 def test_failure_reasons_read_through_rays_wrappers():
     """What a user sees for a failed trial: the divergence line, or the innermost error's last line."""
     from stars.ray_backend.sweep import TrialFailed, failure_reason
@@ -145,30 +125,39 @@ def test_the_sweep_table_quotes_trial_keys_with_commas():
     assert parsed == [{"trial": "t003-type=rmsnorm,weight=0.1", "status": "finished", "1": "", "2": "0.5"}]
 
 
-def test_asha_stops_the_trials_that_lag_and_the_job_still_succeeds(ray_cluster, tiny_spec):
-    """Trials run one at a time, the good learning rate first: when the bad ones reach the first rung
-    their loss is worse than the good ones' there, so ASHA stops them; their runs end KILLED with the
-    reason, and a stopped trial is not a failure."""
+def test_asha_stops_a_lagging_trial_and_a_diverging_trial_fails_alone(ray_cluster, tiny_spec):
+    """One sweep, one trial at a time in order (one job for both: a tiny job is mostly Ray start-up):
+    - `good` (lr 3e-3) finishes;
+    - `diverging` (fp16 weights at lr 10, no clipping) fails alone with "diverged at step N": its run
+      ends FAILED with that reason as a tag, and the sweep goes on;
+    - `lagging` (lr 1e-7) reaches ASHA's first rung with a loss worse than `good`'s there and is stopped:
+      its run ends KILLED with the reason, it is not a failure, and it has no done marker (a
+      resubmission runs it again).
+    The job run ends FAILED because one trial failed."""
     spec = tiny_spec(**{
         "train.max_steps": 8, "train.checkpoint_every": 2, "train.warmup_steps": 0, "train.schedule": "constant",
         "stars.jsrr.weight": 0.0, "eval.tasks": [],
-        "sweep.grid": {"train.lr": [3e-3, 1e-7]},  # t000: 3e-3, t001: 1e-7 (one rung value suffices to cut)
+        "sweep.variants": {
+            "good": {"train": {"lr": 3e-3}},
+            "diverging": {"train": {"lr": 10.0, "grad_clip": None},
+                          "model": {"dtype": "float16", "norm": {"position": "pre"}}},  # overflows to NaN
+            "lagging": {"train": {"lr": 1e-7}},
+        },
         "sweep.max_concurrent_trials": 1,
         "sweep.early_stop": {"metric": "train/loss", "mode": "min", "grace_period": 2, "reduction_factor": 2},
     })
     result = run_job(spec, **QUIET)
-    status = {o.key: o for o in result.outcomes}
-    assert not result.failed
-    good = [o for k, o in status.items() if "lr=0.003" in k]
-    bad = [o for k, o in status.items() if "lr=1e-07" in k]
-    assert {o.status for o in good} == {"finished"}
-    assert {o.status for o in bad} == {"stopped"}, [(o.key, o.status) for o in result.outcomes]
-    assert all(o.reason == "stopped early by ASHA on train/loss" for o in bad)
+    good, diverging, lagging = result.outcomes
+    assert (good.key, diverging.key, lagging.key) == ("t000-v=good", "t001-v=diverging", "t002-v=lagging")
+    assert good.status == "finished"
+    assert diverging.status == "failed" and diverging.reason.startswith("diverged at step "), diverging.reason
+    assert (lagging.status, lagging.reason) == ("stopped", "stopped early by ASHA on train/loss")
+    assert result.failed == [diverging]
     client = MlflowClient(spec.tracking.uri)
     runs = {c.data.tags["stars.trial"]: c for c in _children(client, result.job_run_id)}
-    for o in bad:
-        assert runs[o.key].info.status == "KILLED" and runs[o.key].data.tags["stars.failure"] == o.reason
-        assert not (Path(o.run_dir) / TRIAL_DONE).exists()  # not finished: a resubmission runs it again
-    for o in good:
-        assert (Path(o.run_dir) / TRIAL_DONE).exists()
-    assert client.get_run(result.job_run_id).info.status == "FINISHED"
+    assert runs[good.key].info.status == "FINISHED" and (Path(good.run_dir) / TRIAL_DONE).exists()
+    assert runs[diverging.key].info.status == "FAILED"
+    assert runs[diverging.key].data.tags["stars.failure"] == diverging.reason
+    assert runs[lagging.key].info.status == "KILLED" and runs[lagging.key].data.tags["stars.failure"] == lagging.reason
+    assert not (Path(lagging.run_dir) / TRIAL_DONE).exists()
+    assert client.get_run(result.job_run_id).info.status == "FAILED"
