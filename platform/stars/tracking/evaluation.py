@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 
-from stars.tracking.client import Tracker
+from stars.tracking.client import TAG_KIND, TAG_NAME, Tracker
 
 
 def log_task_eval(
@@ -69,8 +69,6 @@ def log_checkpoint_run(
     them. This is how the base model gets its row in the paper's main table: it is never trained, so
     no job scores it. The same name again reuses the run (curves it holds are not logged twice).
     Returns (run id, eval run id)."""
-    from stars.tracking.client import TAG_KIND, TAG_NAME
-
     experiment_id = tracker.experiment_id(experiment)
     run_id, _ = tracker.get_or_create_run(experiment_id, f"checkpoint:{run_name}", run_name,
                                           tags={TAG_KIND: "checkpoint", TAG_NAME: run_name,
