@@ -200,14 +200,20 @@ def tasks_of(runs: Iterable[Any]) -> list[str]:
     return sorted(found)
 
 
-def _label(client: Any, run: Any, parents: dict[str, str]) -> str:
-    parent = run.data.tags.get(TAG_PARENT)
-    if parent and parent not in parents:
+def _parent_info(client: Any, run_id: str, parents: dict[str, Any]) -> Any:
+    """The `RunInfo` of a parent (trial) run, read once per comparison; None when it was deleted."""
+    if run_id not in parents:
         try:
-            parents[parent] = client.get_run(parent).info.run_name or parent[:8]
-        except Exception:  # noqa: BLE001 - a deleted parent: fall back to its id
-            parents[parent] = parent[:8]
-    base = parents.get(parent, "") if parent else ""
+            parents[run_id] = client.get_run(run_id).info
+        except Exception:  # noqa: BLE001 - a deleted parent: no name, no wall time
+            parents[run_id] = None
+    return parents[run_id]
+
+
+def _label(client: Any, run: Any, parents: dict[str, Any]) -> str:
+    parent = run.data.tags.get(TAG_PARENT)
+    info = _parent_info(client, parent, parents) if parent else None
+    base = ((info.run_name if info else None) or parent[:8]) if parent else ""
     s = _step(run)
     return f"{base}@{s}" if base and s is not None else (run.info.run_name or run.info.run_id[:8])
 
@@ -258,8 +264,7 @@ def compare(
         raise CompareError(
             f"no selected run has task {task!r} (no metric {task}/acc); tasks that exist: {', '.join(available) or 'none'}"
         )
-    parents: dict[str, str] = {}
-    walls: dict[str, float | None] = {}
+    parents: dict[str, Any] = {}  # trial run id -> RunInfo: one read for its label and its wall time
     curves, skipped = [], []
     for r in runs:
         label = _label(client, r, parents)
@@ -269,7 +274,7 @@ def compare(
         acc = read_curve(client, r.info.run_id, task)
         trial = r.data.tags.get(TAG_PARENT)
         curves.append(DepthCurve(label, r.info.run_id, trial, _step(r), acc, summary_metrics(task, acc),
-                                 _wall_seconds(client, trial, walls) if trial else None))
+                                 _wall_seconds(client, trial, parents) if trial else None))
     shown = list(depths) if depths else sorted({d for c in curves for d in c.acc})
     result = Comparison(task, curves, shown, skipped)
     if png is not None:
@@ -277,15 +282,10 @@ def compare(
     return result
 
 
-def _wall_seconds(client: Any, run_id: str, cache: dict[str, float | None]) -> float | None:
+def _wall_seconds(client: Any, run_id: str, parents: dict[str, Any]) -> float | None:
     """Seconds from a trial run's start to its end in MLflow (None while it runs)."""
-    if run_id not in cache:
-        try:
-            info = client.get_run(run_id).info
-            cache[run_id] = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
-        except Exception:  # noqa: BLE001 - a deleted parent: no wall time
-            cache[run_id] = None
-    return cache[run_id]
+    info = _parent_info(client, run_id, parents)
+    return (info.end_time - info.start_time) / 1000 if info and info.end_time and info.start_time else None
 
 
 def _minutes(seconds: float | None) -> str:
@@ -574,7 +574,7 @@ def main_results(
     if labels is not None and len(labels) != len(refs):
         raise CompareError(f"give one label per reference: {len(refs)} references, {len(labels)} labels")
     client = _open_store(refs, tracking_uri)
-    parents: dict[str, str] = {}
+    parents: dict[str, Any] = {}
     rows = []
     for i, (ref, runs) in enumerate(_select_per_ref(client, refs, step=step, all_steps=all_steps)):
         names = [_label(client, r, parents) for r in runs]
