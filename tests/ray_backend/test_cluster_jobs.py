@@ -108,6 +108,33 @@ def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path):
     assert error_lines(submit)[-1].startswith(f"cannot reach the Ray Jobs API at {closed}")
 
 
+def test_cluster_status_and_down_when_no_head_is_up(tmp_path):
+    """No head recorded: one line, exit 1. A recorded head whose processes all ended (its session is
+    one that just exited): `status` says down, exit 1; `down` forgets it. A state file that is not one
+    of ours: one line naming it, exit 2."""
+    temp = tmp_path / "ray"
+    temp.mkdir()
+    proc = starsctl("cluster", "status", "--temp-dir", temp, env=clean_env())
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"no head started by starsctl is recorded in {temp} (`starsctl cluster up` starts one)"]
+
+    ended = subprocess.Popen(["true"], start_new_session=True)  # a session id no process has any more
+    ended.wait()
+    state = temp / "stars_cluster.json"
+    state.write_text(json.dumps({"temp_dir": str(temp), "session": ended.pid, "pids": [ended.pid],
+                                 "dashboard_url": f"http://127.0.0.1:{free_port()}", "gcs_port": 6379,
+                                 "num_cpus": 2, "started": time.time() - 60}))
+    proc = starsctl("cluster", "status", "--temp-dir", temp, env=clean_env())
+    assert proc.returncode == 1 and re.search(r"^head\s+down \(no process left\)$", proc.stdout, re.M), proc.stdout
+    proc = starsctl("cluster", "down", "--temp-dir", temp, env=clean_env())
+    assert proc.returncode == 0 and "had already ended; forgot it" in proc.stdout and not state.exists()
+
+    state.write_text("not json")
+    proc = starsctl("cluster", "status", "--temp-dir", temp, env=clean_env())
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert f"{state} is not a starsctl cluster state file" in proc.stderr
+
+
 def test_a_head_that_answers_with_an_error_is_one_line_and_exit_1():
     """The cluster's own failure (here an HTTP server answering 500 to everything, as a sick head would):
     one line naming the address and Ray's error, exit 1, no traceback; the user's own mistakes are exit 2."""
