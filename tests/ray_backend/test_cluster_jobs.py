@@ -291,6 +291,26 @@ def test_secrets_travel_only_in_the_runtime_env(tiny_spec, tmp_path):
     assert "s3cr3t" not in dry.stdout + dry.stderr
 
 
+def test_a_submission_names_its_spec_by_hash_and_its_code_by_git_sha(tiny_spec):
+    """The job's identity on the cluster: metadata with the spec's name and hash (which a training
+    change moves), the git sha of this checkout (also sent as STARS_GIT_SHA), and a submission id that
+    starts with the name and the hash's first 8 characters."""
+    from stars.spec import spec_hash
+    from stars.tracking import git_info
+
+    spec = tiny_spec()
+    submission = prepare_submission(spec, environ={})
+    digest = spec_hash(spec)
+    assert re.fullmatch(r"[0-9a-f]{16,}", digest), digest
+    assert submission.metadata["stars.name"] == submission.metadata["job_name"] == "tiny"
+    assert submission.metadata["stars.spec_hash"] == digest
+    assert submission.submission_id.startswith(f"stars-tiny-{digest[:8]}-")
+    assert spec_hash(tiny_spec(**{"train.lr": 1e-3})) != digest
+    sha, _ = git_info()
+    assert sha and submission.metadata["stars.git_sha"] == sha == submission.runtime_env["env_vars"]["STARS_GIT_SHA"]
+    assert prepare_submission(spec, environ={}).submission_id != submission.submission_id  # unique per submit
+
+
 @pytest.mark.parametrize(("resources", "problem"), [
     ({"forward_env": ["HF-TOKEN"]}, "must be an environment variable name"),
     ({"forward_env": ["HF_TOKEN", "HF_TOKEN"]}, "names a variable twice"),
