@@ -248,7 +248,8 @@ def job_status(job_id: JobIdArgument, address: AddressOption = None) -> None:
 @app.command()
 def logs(
     job_id: JobIdArgument,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends; exit 0 "
+                                          "when it SUCCEEDED, 1 otherwise (as `submit --wait`).")] = False,
     address: AddressOption = None,
 ) -> None:
     """A cluster job's logs (driver and workers), or with --follow the logs as they come."""
@@ -257,6 +258,8 @@ def logs(
         if follow:
             final = api.follow(job_id, write=_write_raw)
             typer.echo(f"job {job_id} {final.status}", err=True)
+            if final.status != "SUCCEEDED":  # scripts chain on it: `starsctl logs -f ID && ...`
+                raise typer.Exit(1)
         else:
             _write_raw(api.logs(job_id))
 

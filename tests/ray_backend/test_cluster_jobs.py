@@ -419,6 +419,9 @@ def test_a_submitted_job_succeeds_and_is_listed_logged_and_tracked(head, long_jo
 
     logs = starsctl("logs", job_id, env=head.env)
     assert logs.returncode == 0 and "[stars] step 20/20" in logs.stdout
+    followed = starsctl("logs", job_id, "--follow", env=head.env)  # an ended job: its logs, then its end
+    assert followed.returncode == 0 and "[stars] step 20/20" in followed.stdout
+    assert followed.stderr.strip().splitlines()[-1] == f"job {job_id} SUCCEEDED"
     listed = starsctl("list", env=head.env)
     assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+cluster-tiny\s", listed.stdout, re.M), listed.stdout
     status = starsctl("status", job_id, env=head.env)
@@ -478,7 +481,11 @@ def test_wait_exits_1_when_the_job_fails(head, tmp_path):
     proc = starsctl("submit", job, "--wait", env=head.env, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "model.pretrained '/nowhere'" in proc.stdout  # the job's own error, in the followed logs
-    assert re.search(r"^job \S+ FAILED after \d+ s", proc.stdout, re.M), proc.stdout[-2000:]
+    failed = re.search(r"^job (\S+) FAILED after \d+ s", proc.stdout, re.M)
+    assert failed, proc.stdout[-2000:]
+    followed = starsctl("logs", failed.group(1), "-f", env=head.env)
+    assert followed.returncode == 1 and "model.pretrained '/nowhere'" in followed.stdout
+    assert followed.stderr.strip().splitlines()[-1] == f"job {failed.group(1)} FAILED"
 
 
 @pytest.mark.ray
