@@ -402,3 +402,37 @@ def test_starsctl_compare_depth_columns_seeds_and_wall(seeded, tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "s.csv")))) == 2
     res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], "--table", "main", "--seeds"])
     assert res.exit_code == 2 and "--seeds: not an option of --table main" in res.output
+
+
+def test_by_folds_every_trial_that_shares_a_key_value(seeded, tmp_path):
+    """`--by seed` on the 2 weights x 3 seeds: one row per seed, mean ± sd over the two weights; names
+    read from the trial keys, values that hold commas kept whole; a name no key has is one line."""
+    from statistics import stdev
+
+    from stars.compare import by_group, key_parts
+
+    assert key_parts("job/t003-position=pre,type=rmsnorm@1200") == {"position": "pre", "type": "rmsnorm"}
+    assert key_parts("job/t001-depths=[1,2],v=stars@10") == {"depths": "[1,2]", "v": "stars"}
+    assert key_parts("job/eval@step=5") == {}
+    assert by_group("job/t003-position=pre,type=rmsnorm@1200", ["position"]) == "job/position=pre"
+    comp = compare(["seeded"], "addition", tracking_uri=seeded["uri"], depths=[1, 16])
+    table = comp.grouped_by(["seed"])
+    assert table.over == "trials" and [r.label.rsplit("/", 1)[-1] for r in table.rows] == ["seed=0", "seed=1", "seed=2"]
+    for seed, row in enumerate(table.rows):
+        values = [SEED_ACC[w, seed] for w in (0, 1)]
+        assert row.n == 2 and row.acc[1] == pytest.approx((mean(values), stdev(values)))
+    assert [r.n for r in comp.grouped_by(["weight"]).rows] == [3, 3]
+    assert len(comp.grouped_by(["weight", "seed"]).rows) == 6
+    with pytest.raises(CompareError, match="--by position: no trial key has it; the trial keys name seed, weight"):
+        comp.grouped_by(["position"])
+
+    res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], "--by", "seed", "--markdown",
+                              "--depths", "1,16", "--out", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("|")]
+    assert rows[0] == "| setting | trials | 1 | 16 | peak | drop@8 | drop@16 | wall |" and len(rows) == 5
+    for args, problem in ((["--by", "seed", "--seeds"], "--seeds and --by: give one"),
+                          (["--by", "nope"], "--by nope: no trial key has it")):
+        res = runner.invoke(app, ["compare", "seeded", "--tracking-uri", seeded["uri"], *args,
+                                  "--out", str(tmp_path / "c.png")])
+        assert res.exit_code == 2 and problem in res.output, res.output

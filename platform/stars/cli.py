@@ -509,6 +509,10 @@ def compare(
         bool, typer.Option("--seeds", help="Depth table: one row per setting, mean ± sd over the trials that "
                            "differ only in their seed (sweep.seeds).")
     ] = False,
+    by: Annotated[
+        list[str], typer.Option("--by", help="Depth table: one row per value of this trial-key name (e.g. "
+                                "position), mean ± sd over every trial that shares it; repeatable.")
+    ] = [],  # noqa: B006 - typer reads the default
 ) -> None:
     """Depth curves from MLflow: a table (runs x depths, peak, drop@8, drop@16, the trial's wall time) and
     one overlay PNG, or with --table main the paper's main-results table (text, --markdown, and --csv
@@ -517,10 +521,12 @@ def compare(
     from stars.compare import compare as run_compare
 
     main = table is CompareTable.main
-    options = (("--task", task), ("--out", out), ("--seeds", seeds)) if main else (("--label", labels),)
+    options = (("--task", task), ("--out", out), ("--seeds", seeds), ("--by", by)) if main else (("--label", labels),)
     misplaced = [name for name, value in options if value]
     if misplaced:
         _fail(f"starsctl compare: {', '.join(misplaced)}: not an option of --table {table.value}")
+    if seeds and by:
+        _fail("starsctl compare: --seeds and --by: give one (--by already folds the seeds into its groups)")
     shown = _depths_option(depths, "--depths") if depths else None
     try:
         if main:
@@ -528,9 +534,9 @@ def compare(
                                   all_steps=all_steps)
         else:
             result = run_compare(refs, task, tracking_uri=tracking_uri, step=step, all_steps=all_steps, depths=shown)
+        shown_table = result.grouped_by(by) if by else result.seed_groups() if seeds else result
     except CompareError as exc:
         _fail(f"starsctl compare: {exc}")
-    shown_table = result.seed_groups() if seeds else result
     typer.echo(shown_table.markdown() if markdown else shown_table.table())
     if csv_path is not None:
         csv_path.write_text(shown_table.csv())

@@ -67,8 +67,11 @@ class Comparison:
     def csv(self) -> str:
         return format_csv(self)
 
-    def seed_groups(self) -> SeedTable:
-        return seed_groups(self)
+    def seed_groups(self) -> GroupTable:
+        return group_rows(self)
+
+    def grouped_by(self, names: Sequence[str]) -> GroupTable:
+        return group_rows(self, by=names)
 
 
 def _quote(value: str) -> str:
@@ -361,9 +364,12 @@ def format_csv(comp: Comparison) -> str:
     return buf.getvalue()
 
 
-# Seeds: trials that differ only in their seed, as one row (mean and spread over the seeds).
+# Groups of trials as one row (mean and spread over the group): the seeds of one setting (`--seeds`), or
+# every trial with the same value of some trial-key names (`--by position`: the norm study's 4 positions,
+# each over its 3 types).
 _TRIAL_INDEX = re.compile(r"(^|/)t\d+-")
 _SEED = re.compile(r",?\bseed=\d+")
+_KEY_PART = re.compile(r",(?=[A-Za-z_][\w.]*=)")  # a comma that starts the next `name=`; values may hold commas
 
 
 def seed_group(label: str) -> str:
@@ -374,35 +380,57 @@ def seed_group(label: str) -> str:
     return base.replace("-,", "-").rstrip("/,-") or base
 
 
+def key_parts(label: str) -> dict[str, str]:
+    """The `name=value` parts of a curve's trial key (`job/t003-position=pre,type=rmsnorm@1200` ->
+    {position: pre, type: rmsnorm}); names as `stars.spec.sweep.trial_key` shortens them."""
+    trial = label.rsplit("@", 1)[0].rsplit("/", 1)[-1]
+    if not _TRIAL_INDEX.match(trial):
+        return {}
+    parts = [p.partition("=") for p in _KEY_PART.split(_TRIAL_INDEX.sub("", trial, count=1)) if "=" in p]
+    return {name: value for name, _, value in parts}
+
+
+def by_group(label: str, names: Sequence[str]) -> str:
+    """The row a curve joins under `--by names`: its job prefix and just those key parts
+    (`job/t003-position=pre,type=rmsnorm@1200`, by position -> `job/position=pre`)."""
+    base = label.rsplit("@", 1)[0]
+    prefix = base.rsplit("/", 1)[0] + "/" if "/" in base else ""
+    parts = key_parts(label)
+    return prefix + ",".join(f"{n}={parts[n]}" for n in names if n in parts)
+
+
 @dataclass
-class SeedRow:
+class GroupRow:
     label: str
     n: int
-    acc: dict[int, tuple[float, float]]  # depth -> (mean, sd) over the seeds
+    acc: dict[int, tuple[float, float]]  # depth -> (mean, sd) over the group
     peak: tuple[float, float]
     drop: dict[int, tuple[float, float]]  # DROP_DEPTHS -> (mean, sd)
     wall_s: float | None  # mean
 
 
 @dataclass
-class SeedTable:
-    """One row per setting: each depth's accuracy as mean and sample standard deviation over seeds."""
+class GroupTable:
+    """One row per group of trials: each depth's accuracy as mean and sample standard deviation over
+    the group (`over`: "seeds" for `--seeds`, "trials" for `--by`)."""
 
     task: str
     depths: list[int]
-    rows: list[SeedRow]
+    rows: list[GroupRow]
+    over: str = "seeds"
 
-    def _cells(self, row: SeedRow) -> list[str]:
+    def _cells(self, row: GroupRow) -> list[str]:
         return [*(_mean_sd(row.acc.get(d)) for d in self.depths), _mean_sd(row.peak),
                 *(_mean_sd(row.drop.get(d), pct=True) for d in DROP_DEPTHS), _minutes(row.wall_s)]
 
     def _head(self) -> list[str]:
-        return ["setting", "seeds", *(str(d) for d in self.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS), "wall"]
+        return ["setting", self.over, *(str(d) for d in self.depths), "peak", *(f"drop@{d}" for d in DROP_DEPTHS),
+                "wall"]
 
     def table(self) -> str:
         rows = [self._head()] + [[r.label, str(r.n), *self._cells(r)] for r in self.rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"{self.task}/acc by depth, mean ± sd over seeds"]
+        lines = [f"{self.task}/acc by depth, mean ± sd over {self.over}"]
         for row in rows:
             lines.append(" ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
         return "\n".join(lines)
@@ -416,7 +444,7 @@ class SeedTable:
     def csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["setting", "seeds", *(f"{k}@{d}" for d in self.depths for k in ("mean", "sd")),
+        writer.writerow(["setting", self.over, *(f"{k}@{d}" for d in self.depths for k in ("mean", "sd")),
                          "peak_mean", "peak_sd", *(f"drop@{d}_{k}" for d in DROP_DEPTHS for k in ("mean", "sd")),
                          "wall_s"])
         for r in self.rows:
@@ -437,22 +465,30 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def seed_groups(comp: Comparison) -> SeedTable:
-    """`comp`'s curves grouped by `seed_group`, in the order settings first appear."""
+def group_rows(comp: Comparison, by: Sequence[str] | None = None) -> GroupTable:
+    """`comp`'s curves as one row per group, in the order groups first appear: without `by` the seeds
+    of each setting (`seed_group`), with `by` the trials that share the values of those key names
+    (`by_group`; sorted by them). A name no trial key has is a CompareError listing those there are."""
     t, groups = comp.task, {}
+    if by:
+        known = {name for c in comp.curves for name in key_parts(c.label)}
+        unknown = [n for n in by if n not in known]
+        if unknown:
+            raise CompareError(f"--by {', '.join(unknown)}: no trial key has it; the trial keys name "
+                               f"{', '.join(sorted(known)) or 'nothing (the runs are not sweep trials)'}")
     for c in comp.curves:
-        groups.setdefault(seed_group(c.label), []).append(c)
+        groups.setdefault(by_group(c.label, by) if by else seed_group(c.label), []).append(c)
     rows = []
-    for label, curves in groups.items():
+    for label, curves in sorted(groups.items()) if by else groups.items():
         acc = {d: _stats([c.acc[d] for c in curves if d in c.acc]) for d in comp.depths
                if any(d in c.acc for c in curves)}
         peaks = [c.summary[f"{t}/peak_acc"] for c in curves if f"{t}/peak_acc" in c.summary]
         drops = {d: _stats(v) for d in DROP_DEPTHS
                  if (v := [c.summary[f"{t}/drop_at_{d}"] for c in curves if f"{t}/drop_at_{d}" in c.summary])}
         walls = [c.wall_s for c in curves if c.wall_s is not None]
-        rows.append(SeedRow(label, len(curves), acc, _stats(peaks) if peaks else (float("nan"), 0.0), drops,
-                            statistics.fmean(walls) if walls else None))
-    return SeedTable(t, list(comp.depths), rows)
+        rows.append(GroupRow(label, len(curves), acc, _stats(peaks) if peaks else (float("nan"), 0.0), drops,
+                             statistics.fmean(walls) if walls else None))
+    return GroupTable(t, list(comp.depths), rows, over="trials" if by else "seeds")
 
 
 # The paper's main-results table: math benchmarks x loop depths, their average and its relative drop.
