@@ -70,12 +70,19 @@ def test_four_trials_two_at_a_time_interrupted_then_resubmitted_run_only_the_unf
     assert "starsctl: interrupted. A job's MLflow run is marked KILLED; submitting the same spec again" in output
     finished_before = [p.exists() for p in done]
     assert 2 <= sum(finished_before) < 4, finished_before  # trials take ~20 s: Ctrl-C lands mid-sweep
+    # Nothing is left RUNNING in MLflow: the job run and the trials it interrupted (with their eval runs)
+    # end KILLED, the finished trials stay FINISHED.
+    client = MlflowClient(spec.tracking.uri)
+    experiment = client.get_experiment_by_name(spec.experiment or spec.name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
+    kinds = {kind: sorted(r.info.status for r in runs if r.data.tags.get("stars.kind") == kind) for kind in ("job", "trial")}
+    assert kinds["job"] == ["KILLED"] and kinds["trial"].count("FINISHED") == sum(finished_before), kinds
+    assert set(kinds["trial"]) <= {"FINISHED", "KILLED"}, kinds
 
     resumed = run_job(apply_overrides(spec, {"eval.limit": 16}), **QUIET)
     assert [o.status for o in resumed.outcomes] == ["skipped" if f else "finished" for f in finished_before]
     assert all(p.exists() for p in done) and not resumed.failed
-    client = MlflowClient(spec.tracking.uri)
-    experiment = client.get_experiment_by_name(spec.experiment or spec.name)
     jobs = client.search_runs([experiment.experiment_id], filter_string="tags.`stars.kind` = 'job'")
     assert len(jobs) == 1 and jobs[0].info.run_id == resumed.job_run_id  # the same job run, resumed
     children = _children(client, resumed.job_run_id)

@@ -145,6 +145,25 @@ def test_sweep_trials_are_child_runs_found_again_on_restart(tracker, store):
     assert len(tracker.child_runs(job)) == 4
 
 
+def test_a_stopped_job_ends_what_it_left_running_and_a_restart_reopens_it(tracker, store):
+    """A job interrupted mid-sweep: its trials still RUNNING (one mid-evaluation) end KILLED, a finished
+    trial keeps FINISHED; restarting the trial marks its run RUNNING again."""
+    spec = make_spec(store, name="job-stop", sweep={"grid": {"model.norm.type": ["layernorm", "rmsnorm", "simplenorm"]}})
+    job = tracker.start_job(spec, git=GIT)
+    done, cut, scoring = (tracker.start_trial(job, t) for t in sweep_trials(spec))
+    tracker.end(done)
+    evaluation = tracker.start_eval(scoring, 10)
+    finished_eval = tracker.start_eval(done, 10)
+    tracker.end(finished_eval)
+    assert sorted(tracker.close_open_descendants(job, "KILLED")) == sorted([cut, scoring, evaluation])
+    status = {r: tracker.client.get_run(r).info.status for r in (done, cut, scoring, evaluation, finished_eval, job)}
+    assert status == {done: "FINISHED", cut: "KILLED", scoring: "KILLED", evaluation: "KILLED",
+                      finished_eval: "FINISHED", job: "RUNNING"}  # the job run is the caller's to end
+    assert tracker.close_open_descendants(job, "KILLED") == []
+    assert tracker.start_trial(job, sweep_trials(spec)[1]) == cut
+    assert tracker.client.get_run(cut).info.status == "RUNNING"
+
+
 def test_training_metrics_at_optimizer_steps(tracker, store):
     run = tracker.start_job(make_spec(store, name="job-e"), git=GIT)
     for step in (10, 20, 30):

@@ -97,7 +97,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
         if tracker:
             # Ctrl-C, or a stop: `ray.init` turns SIGTERM (`starsctl stop`) into SystemExit.
             stopped = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
-            tracker.close_run(job_run, "KILLED" if stopped else "FAILED", console=console)
+            status = "KILLED" if stopped else "FAILED"
+            # the trials in flight (and their evaluations) too: their processes are gone with the driver
+            tracker.close_open_descendants(job_run, status, console=console)
+            tracker.close_run(job_run, status, console=console)
         raise
     finally:
         if evaluation:

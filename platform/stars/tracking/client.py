@@ -341,6 +341,25 @@ class Tracker:
                     f"{status or 'with its final tags'} ({error_line(exc)})")
             return False
 
+    def close_open_descendants(self, run_id: str, status: str, *, console: Callable[[str], None] = print) -> list[str]:
+        """End with `status` every run under `run_id` (its trials, their checkpoints' eval runs) that is
+        still RUNNING: what a job that stops early leaves behind, where nobody else will end them (the
+        processes that would have are gone). A resubmission marks each RUNNING again as it resumes it
+        (`get_or_create_run`). Returns the ids ended; MLflow unreachable is one warning."""
+        ended: list[str] = []
+        try:
+            parents = [run_id]
+            while parents:
+                for child in self.child_runs(parents.pop()):
+                    parents.append(child.info.run_id)
+                    if child.info.status == "RUNNING":
+                        self.end(child.info.run_id, status)
+                        ended.append(child.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - the client raises several types for "unreachable"
+            console(f"[stars] WARNING: MLflow at {self.uri} unreachable: runs under {run_id} not marked {status} "
+                    f"({error_line(exc)})")
+        return ended
+
     # logging -------------------------------------------------------------------------------
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], step: int, *, timestamp_ms: int | None = None
