@@ -348,9 +348,10 @@ class Tracker:
         (`get_or_create_run`). Returns the ids ended; MLflow unreachable is one warning."""
         ended: list[str] = []
         try:
+            experiment_id = self.client.get_run(run_id).info.experiment_id  # children share their parent's
             parents = [run_id]
             while parents:
-                for child in self.child_runs(parents.pop()):
+                for child in self.child_runs(parents.pop(), experiment_id=experiment_id):
                     parents.append(child.info.run_id)
                     if child.info.status == "RUNNING":
                         self.end(child.info.run_id, status)
@@ -400,13 +401,15 @@ class Tracker:
         """(step, value) pairs of a metric, ordered by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
-    def child_runs(self, run_id: str, kind: str | None = None) -> list[Any]:
-        """Direct children of a run (optionally only those with `stars.kind = kind`)."""
-        run = self.client.get_run(run_id)
+    def child_runs(self, run_id: str, kind: str | None = None, *, experiment_id: str | None = None) -> list[Any]:
+        """Direct children of a run (optionally only those with `stars.kind = kind`); `experiment_id`,
+        when the caller knows it, saves reading the run for it."""
+        if experiment_id is None:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
         filt = f"tags.`{TAG_PARENT}` = '{run_id}'"
         if kind:
             filt += f" and tags.`{TAG_KIND}` = '{kind}'"
-        return list(self.client.search_runs([run.info.experiment_id], filter_string=filt, max_results=10_000))
+        return list(self.client.search_runs([experiment_id], filter_string=filt, max_results=10_000))
 
 
 def _tag_value(value: Any) -> str:
