@@ -124,6 +124,33 @@ def test_failure_reasons_read_through_rays_wrappers():
     assert failure_reason(outer) == "ValueError: bad value: 3"
 
 
+def test_results_of_an_interrupted_sweep_count_unstarted_trials_as_failed(tiny_spec):
+    """Ray 2.60's Tune hands back a never-started trial's result with no config; a trial can also have
+    no result at all. Neither may crash the job's summary; both are failed (the job did not run them)."""
+    from types import SimpleNamespace
+
+    from stars.ray_backend.sweep import NOT_STARTED, TRIAL_DONE, classify_results, trial_run_dir
+    from stars.spec import sweep_trials
+
+    spec = tiny_spec(**{"sweep.grid": {"stars.jsrr.weight": [0.0, 0.01, 0.1, 0.3, 0.5]}})
+    trials = sweep_trials(spec)
+    done_dir = Path(trial_run_dir(trials[1]))
+    done_dir.mkdir(parents=True)
+    (done_dir / TRIAL_DONE).write_text("{}")
+
+    def result(trial=None, metrics=None, error=None):
+        return SimpleNamespace(config={"trial": trial.index} if trial else None, metrics=metrics, error=error,
+                               path=trial_run_dir(trial) if trial else "/elsewhere/t003")
+    results = [result(trials[0], {"stars/finished": 1}), result(trials[1]),  # finished; done marker only
+               result(trials[2], {}, RuntimeError("boom")), result(trials[3], {"step": 4}),
+               result(None)]  # trial 4: a config-less result, as an interrupted sweep leaves it
+    outcomes = classify_results(results, trials, "stopped by Ray Tune")
+    assert [(outcomes[t.index].status, outcomes[t.index].reason) for t in trials] == [
+        ("finished", None), ("finished", None), ("failed", "RuntimeError: boom"),
+        ("stopped", "stopped by Ray Tune"), ("failed", NOT_STARTED)]
+    assert classify_results([], trials[:1], "x")[0].reason == NOT_STARTED
+
+
 def test_the_sweep_table_quotes_trial_keys_with_commas():
     from stars.ray_backend.sweep_report import _csv
 

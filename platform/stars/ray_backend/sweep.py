@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from stars.tracking import TAG_TRIAL, Tracker
 
 TRIAL_DONE = "stars_trial_done.json"
 TAG_FAILURE = "stars.failure"
+NOT_STARTED = "not started: Ray Tune ended before it (submit the job again to run it)"
 
 Status = Literal["finished", "failed", "stopped", "skipped"]
 
@@ -232,6 +233,33 @@ def _reports(spec: JobSpec) -> int:
     return math.ceil(spec.train.max_steps / (spec.train.checkpoint_every or spec.train.max_steps))
 
 
+def classify_results(results: Iterable[Any], todo: Sequence[Trial], reason_stopped: str) -> dict[int, TrialOutcome]:
+    """Each of `todo`'s trials as Tune's `results` left it: finished, failed or stopped.
+
+    A result names its trial by the index in its config. A trial Tune never started (an interrupted
+    sweep hands back its result with no config: Ray 2.60) or with no result at all counts as failed (the job did not do them, so it
+    exits 1) with a reason that says so; they have no MLflow run, and a resubmission runs them."""
+    by_index = {t.index: t for t in todo}
+    outcomes: dict[int, TrialOutcome] = {}
+    for result in results:
+        trial = by_index.get((result.config or {}).get("trial"))
+        if trial is None:
+            continue  # never started: counted below
+        # The done marker first: a trial that wrote it finished, even when Tune stopped its trainable
+        # before it returned (Ctrl-C then makes Tune's fit() return, with that trial unfinished).
+        if (result.metrics or {}).get("stars/finished") or is_done(trial):
+            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
+        elif result.error is not None:
+            outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error),
+                                                 run_dir=trial_run_dir(trial))
+        else:
+            outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason_stopped, run_dir=trial_run_dir(trial))
+    for trial in todo:
+        if trial.index not in outcomes:
+            outcomes[trial.index] = TrialOutcome(trial.key, "failed", NOT_STARTED, run_dir=trial_run_dir(trial))
+    return outcomes
+
+
 def run_sweep(
     spec: JobSpec,
     trials: Sequence[Trial],
@@ -311,20 +339,11 @@ def run_sweep(
     )
     grid = tuner.fit()
     tracker = Tracker.from_spec(spec) if runner.job_run_id else None
-    for result in grid:
-        trial = by_index[result.config["trial"]]
-        # The done marker first: a trial that wrote it finished, even when Tune stopped its trainable
-        # before it returned (Ctrl-C then makes Tune's fit() return, with that trial unfinished).
-        if (result.metrics or {}).get("stars/finished") or is_done(trial):
-            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
-        elif result.error is not None:
-            outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error),
-                                                 run_dir=trial_run_dir(trial))
-        else:
-            reason = f"stopped early by ASHA on {stop.metric}" if stop else "stopped by Ray Tune"
-            outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason, run_dir=trial_run_dir(trial))
-            if tracker:
-                run_id = tracker.start_trial(runner.job_run_id, trial)
-                tracker.set_tags(run_id, {TAG_FAILURE: reason})
-                tracker.end(run_id, "KILLED")
+    reason_stopped = f"stopped early by ASHA on {stop.metric}" if stop else "stopped by Ray Tune"
+    for index, outcome in classify_results(grid, todo, reason_stopped).items():
+        outcomes[index] = outcome
+        if outcome.status == "stopped" and tracker:
+            run_id = tracker.start_trial(runner.job_run_id, by_index[index])
+            tracker.set_tags(run_id, {TAG_FAILURE: outcome.reason})
+            tracker.end(run_id, "KILLED")
     return [outcomes[t.index] for t in trials]
