@@ -237,8 +237,9 @@ def classify_results(results: Iterable[Any], todo: Sequence[Trial], reason_stopp
     """Each of `todo`'s trials as Tune's `results` left it: finished, failed or stopped.
 
     A result names its trial by the index in its config. A trial Tune never started (an interrupted
-    sweep hands back its result with no config: Ray 2.60) or with no result at all counts as failed (the job did not do them, so it
-    exits 1) with a reason that says so; they have no MLflow run, and a resubmission runs them."""
+    sweep hands back its result with no config: Ray 2.60), or with no result at all, counts as failed
+    (the job did not do it, so it exits 1) with a reason that says so; it has no MLflow run, and a
+    resubmission runs it."""
     by_index = {t.index: t for t in todo}
     outcomes: dict[int, TrialOutcome] = {}
     for result in results:
