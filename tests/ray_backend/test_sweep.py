@@ -139,8 +139,7 @@ def test_results_of_an_interrupted_sweep_count_unstarted_trials_as_failed(tiny_s
     (done_dir / TRIAL_DONE).write_text("{}")
 
     def result(trial=None, metrics=None, error=None):
-        return SimpleNamespace(config={"trial": trial.index} if trial else None, metrics=metrics, error=error,
-                               path=trial_run_dir(trial) if trial else "/elsewhere/t003")
+        return SimpleNamespace(config={"trial": trial.index} if trial else None, metrics=metrics, error=error)
     results = [result(trials[0], {"stars/finished": 1}), result(trials[1]),  # finished; done marker only
                result(trials[2], {}, RuntimeError("boom")), result(trials[3], {"step": 4}),
                result(None)]  # trial 4: a config-less result, as an interrupted sweep leaves it

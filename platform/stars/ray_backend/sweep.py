@@ -248,13 +248,13 @@ def classify_results(results: Iterable[Any], todo: Sequence[Trial], reason_stopp
             continue  # never started: counted below
         # The done marker first: a trial that wrote it finished, even when Tune stopped its trainable
         # before it returned (Ctrl-C then makes Tune's fit() return, with that trial unfinished).
+        run_dir = trial_run_dir(trial)
         if (result.metrics or {}).get("stars/finished") or is_done(trial):
-            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=trial_run_dir(trial))
+            outcomes[trial.index] = TrialOutcome(trial.key, "finished", run_dir=run_dir)
         elif result.error is not None:
-            outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error),
-                                                 run_dir=trial_run_dir(trial))
+            outcomes[trial.index] = TrialOutcome(trial.key, "failed", failure_reason(result.error), run_dir=run_dir)
         else:
-            outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason_stopped, run_dir=trial_run_dir(trial))
+            outcomes[trial.index] = TrialOutcome(trial.key, "stopped", reason_stopped, run_dir=run_dir)
     for trial in todo:
         if trial.index not in outcomes:
             outcomes[trial.index] = TrialOutcome(trial.key, "failed", NOT_STARTED, run_dir=trial_run_dir(trial))
