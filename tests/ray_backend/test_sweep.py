@@ -39,13 +39,19 @@ def test_four_trials_two_at_a_time_interrupted_then_resubmitted_run_only_the_unf
     import sys
     import time
 
+    from ray.util.state import list_tasks
+
     from stars.ray_backend.sweep import trial_run_dir
     from stars.spec import resolved_yaml, sweep_trials
 
+    started = time.time()
     spec = tiny_spec(**{
         "train.max_steps": 8, "train.checkpoint_every": 4, "train.warmup_steps": 1,
         "sweep.grid": {"model.norm.type": ["layernorm", "rmsnorm"], "stars.jsrr.weight": [0.0, 0.1]},
         "sweep.max_concurrent_trials": 2,
+        # Two trials' workers (1.5 CPUs each) and the evaluator (1) take all 4 of the test cluster's
+        # CPUs: anything else that asks for CPU per trial would make the second trial's worker wait.
+        "resources.cpus_per_worker": 1.5,
     })
     (tmp_path / "sweep.yaml").write_text(resolved_yaml(spec))
     done = [tmp_path / trial_run_dir(t) / TRIAL_DONE for t in sweep_trials(spec)]
@@ -88,9 +94,23 @@ def test_four_trials_two_at_a_time_interrupted_then_resubmitted_run_only_the_unf
     children = _children(client, resumed.job_run_id)
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.info.run_name for c in children) == sorted(f"tiny/{o.key}" for o in resumed.outcomes)
-    # Two trials ran at the same time: the two that finished first overlap in time.
+    # Two trials ran at the same time: the two that finished first overlap in time, and so do two of
+    # their training workers' lifetimes (a trial's MLflow run starts before its worker gets resources).
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)
     assert spans[1][0] < spans[0][1], spans
+    # A worker's life: from its actor starting (`__init__` runs once Ray has granted its resources) to
+    # the end of its shutdown call. Ray fills in only some of a task's times: take those it has.
+    lifetimes: dict[str, dict[str, list[int]]] = {}
+    for method in ("__init__", "shutdown"):
+        for task in list_tasks(filters=[("func_or_class_name", "=", f"RayTrainWorker.{method}")], detail=True,
+                               limit=10_000, raise_on_missing_output=False):
+            if (task.creation_time_ms or 0) >= started * 1000:
+                times = [t for t in (task.start_time_ms, task.end_time_ms) if t]
+                lifetimes.setdefault(task.actor_id, {})[method] = times
+    workers = sorted((min(ends["__init__"]), max(ends["shutdown"])) for ends in lifetimes.values()
+                     if ends.get("__init__") and ends.get("shutdown"))
+    assert len(workers) >= 2, workers
+    assert any(later[0] < earlier[1] for earlier, later in zip(workers, workers[1:])), workers
     for child in children:  # every trial trained to the end, each step logged once ...
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
         assert sorted(steps) == sorted(set(steps)) and max(steps) == 8, (child.info.run_name, steps)

@@ -160,3 +160,15 @@ def test_run_directories_follow_what_training_computes(tiny_spec):
     assert first.startswith("tiny-t001-type=rmsnorm-")
     assert trial_dir(**{"eval.limit": 8, "resources.max_failures": 3}) == first
     assert trial_dir(**{"seed": 7}) != first
+
+
+def test_the_train_worker_module_leaves_the_model_stack_to_the_workers():
+    """Ray Train's controller and Tune's trainable import `stars.ray_backend.training` to unpickle
+    `train_worker`; transformers and MLflow (~3 s of CPU per process here) load only on the workers."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, stars.ray_backend.training as t; "
+             "print(sorted(m for m in ('transformers', 'mlflow', 'stars.train', 'stars.model') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

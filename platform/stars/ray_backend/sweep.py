@@ -319,9 +319,11 @@ def run_sweep(
     # and leaves every unfinished trial to resume from its checkpoint on the next submission.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner = tune.Tuner(
-        # The trainable only drives its TorchTrainer (whose workers hold the real resources): a token
-        # CPU share keeps Tune from counting it against the training workers.
-        tune.with_resources(trainable, {"cpu": 0.001}),
+        # The trainable only drives its TorchTrainer, whose workers hold the real resources, so it asks
+        # for no CPU at all. Tune refuses an empty request, hence one byte of memory. A token CPU share
+        # (0.001) is not harmless: two trials then leave 1.998 of 2 CPUs and the second trial's
+        # 1-CPU worker waits for the first to finish, so trials that should fit side by side run in turn.
+        tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
         param_space={"trial": tune.grid_search([t.index for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler,

@@ -24,8 +24,6 @@ from stars.checkpoint import checkpoint_write_error, step_dir_name
 from stars.ray_backend.ledger import EvalLedger
 from stars.ray_backend.metrics import TrainMetrics
 from stars.spec import JobSpec, is_local_path, spec_hash
-from stars.tracking import train_metric_names
-from stars.train import TrainHooks, WorkerContext, train_loop
 
 #: Ray Train keeps each run's name, status and workers in its state actor, which the dashboard's Train
 #: API (`/api/train/v2/runs/v1`) serves, only when this is "1" in the process that calls `fit()`.
@@ -103,6 +101,12 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
     """Runs on every Ray Train worker."""
+    # Imported here, not at the top: Ray Train's controller and Tune's trainable unpickle this
+    # function, which imports this module in their processes, and only the workers need the model
+    # stack (torch models and transformers: ~2 s of CPU per process on a 2-core machine; MLflow,
+    # another ~1 s, only on the rank that logs, below).
+    from stars.train import TrainHooks, WorkerContext, train_loop
+
     config = train_loop_config["worker"]
     spec = JobSpec.model_validate(config.spec)
     ctx = ray.train.get_context()
@@ -113,7 +117,7 @@ def train_worker(train_loop_config: dict[str, WorkerConfig]) -> None:
     console = lambda line: print(line, file=sys.__stdout__, flush=True)  # noqa: E731
     outbox = None
     if rank == 0 and config.run_id:
-        from stars.tracking import MetricOutbox, Tracker
+        from stars.tracking import MetricOutbox, Tracker, train_metric_names
 
         tracker = Tracker(config.tracking_uri, artifact_root=config.artifact_root)
         outbox = MetricOutbox(tracker, config.run_id, journal_dir(config.run_dir, config.run_id), console=console)
