@@ -70,9 +70,8 @@ class ProcessCpu:
             return
         # A Ray worker starts as `python .../default_worker.py` and retitles itself once it hosts an
         # actor: keep the actor's title, and the executable's name for anything else.
-        title = cmdline.split()[0].rsplit("/", 1)[-1] if cmdline else ""
-        if cmdline.startswith("ray::"):
-            title = cmdline.split()[0]
+        first = cmdline.split()[0] if cmdline else ""
+        title = first if first.startswith("ray::") else first.rsplit("/", 1)[-1]
         self.cpu[pid] = max(self.cpu.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / TICKS)
         if title.startswith("ray::") or pid not in self.title:
             self.title[pid] = title
