@@ -170,6 +170,31 @@ def test_results_of_an_interrupted_sweep_count_unstarted_trials_as_failed(tiny_s
     assert classify_results([], trials[:1], "x")[0].reason == NOT_STARTED
 
 
+def test_a_trial_interrupted_between_its_done_marker_and_its_run_end_is_finished_in_mlflow(tiny_spec):
+    """A trial writes its done marker, then ends its MLflow run. Ctrl-C landing in between has the
+    driver end that run KILLED with the unfinished ones; the marker decides, so it ends FINISHED, and
+    runs without a marker (or with a marker naming no run) stay as they were."""
+    from stars.ray_backend.sweep import _mark_done, finish_done_trial_runs, trial_run_dir
+    from stars.spec import sweep_trials
+    from stars.tracking import Tracker
+
+    spec = tiny_spec(**{"sweep.grid": {"stars.jsrr.weight": [0.0, 0.1, 0.3]}})
+    trials = sweep_trials(spec)
+    tracker = Tracker.from_spec(spec)
+    job_run = tracker.start_job(spec)
+    runs = [tracker.start_trial(job_run, t) for t in trials]
+    _mark_done(trial_run_dir(trials[0]), {"trial": trials[0].key, "run_id": runs[0]})
+    _mark_done(trial_run_dir(trials[2]), {})
+    assert sorted(tracker.close_open_descendants(job_run, "KILLED", console=lambda line: None)) == sorted(runs)
+
+    assert finish_done_trial_runs(trials, tracker) == [runs[0]]
+    status = lambda run: tracker.client.get_run(run).info  # noqa: E731
+    assert [status(r).status for r in runs] == ["FINISHED", "KILLED", "KILLED"]
+    ended_at = status(runs[0]).end_time
+    assert finish_done_trial_runs(trials, tracker) == []  # a finished run is left alone, end time and all
+    assert status(runs[0]).end_time == ended_at
+
+
 def test_the_sweep_table_quotes_trial_keys_with_commas():
     from stars.ray_backend.sweep_report import _csv
 

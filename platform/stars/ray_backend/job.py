@@ -60,6 +60,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
         TrialOutcome,
         TrialRunner,
         explain_worker_deaths,
+        finish_done_trial_runs,
         run_sweep,
     )
     from stars.tracking import Tracker
@@ -100,6 +101,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, console=print) -> JobR
             status = "KILLED" if stopped else "FAILED"
             # the trials in flight (and their evaluations) too: their processes are gone with the driver
             tracker.close_open_descendants(job_run, status, console=console)
+            # ... but not a trial that wrote its done marker just before: it finished
+            finish_done_trial_runs(trials, tracker, console=console)
             tracker.close_run(job_run, status, console=console)
         raise
     finally:

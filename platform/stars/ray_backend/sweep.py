@@ -22,7 +22,8 @@ anything started, so Tune gets only the trial index to run, never a search space
 - Resume: a trial that finished writes `stars_trial_done.json` into its run directory; submitting the
   job again runs only trials without it, each from its last checkpoint (same run directory, same MLflow
   run through its `stars.run_key`). The done marker decides: a trial that wrote it finished, whatever
-  Tune says. Ctrl-C interrupts the job (Tune's own SIGINT handling, which would stop the trials and
+  Tune says, and its MLflow run ends FINISHED even when Ctrl-C landed between the marker and the
+  run's end (`finish_done_trial_runs`). Ctrl-C interrupts the job (Tune's own SIGINT handling, which would stop the trials and
   return as if they had ended, is off); the job run ends KILLED and unfinished trials resume later.
 - A training worker that died with no restart left: the driver adds which checkpoint a resubmission
   resumes from to the trial's reason (`explain_worker_deaths`).
@@ -87,6 +88,29 @@ def trial_run_dir(trial: Trial) -> str:
 def is_done(trial: Trial) -> bool:
     fs, root = storage_filesystem(trial_run_dir(trial))
     return fs.get_file_info(f"{root}/{TRIAL_DONE}").type == pafs.FileType.File
+
+
+def finish_done_trial_runs(trials: Iterable[Trial], tracker: Tracker, *,
+                           console: Callable[[str], None] = print) -> list[str]:
+    """End FINISHED the MLflow run of every sweep trial that wrote its done marker but whose run is
+    not FINISHED. The marker decides: a trial writes it and then ends its run, and an interrupt that
+    lands in between has the driver end that run KILLED (`Tracker.close_open_descendants`) although
+    the trial finished and a resubmission skips it. The job driver calls this after an interrupt and
+    when a resubmission skips finished trials. Returns the ids it ended."""
+    ended: list[str] = []
+    for trial in trials:
+        if not trial.assignments or not is_done(trial):  # a plain job's trial runs in the job run itself
+            continue
+        fs, root = storage_filesystem(trial_run_dir(trial))
+        try:
+            with fs.open_input_stream(f"{root}/{TRIAL_DONE}") as f:
+                run_id = json.loads(f.read() or b"{}").get("run_id")
+        except OSError as exc:  # storage unreachable: say so, and leave the runs as they are
+            console(f"[stars] WARNING: cannot read {trial_run_dir(trial)}/{TRIAL_DONE}: {exc}")
+            return ended
+        if run_id and tracker.finish(run_id, console=console):
+            ended.append(run_id)
+    return ended
 
 
 def _mark_done(run_dir: str, record: dict[str, Any]) -> None:
@@ -279,7 +303,10 @@ def run_sweep(
             outcomes[t.index] = TrialOutcome(t.key, "skipped", "finished by an earlier submission",
                                              run_dir=trial_run_dir(t))
     todo = [t for t in trials if t.index not in outcomes]
+    tracker = Tracker.from_spec(spec) if runner.job_run_id else None
     if outcomes:
+        if tracker:  # an interrupt may have ended a finished trial's run KILLED
+            finish_done_trial_runs(trials, tracker, console=console)
         console(f"[stars] {len(outcomes)} of {len(trials)} trials finished earlier; running the other {len(todo)}")
     if not todo:
         return [outcomes[t.index] for t in trials]
@@ -341,7 +368,6 @@ def run_sweep(
         ),
     )
     grid = tuner.fit()
-    tracker = Tracker.from_spec(spec) if runner.job_run_id else None
     reason_stopped = f"stopped early by ASHA on {stop.metric}" if stop else "stopped by Ray Tune"
     for index, outcome in classify_results(grid, todo, reason_stopped).items():
         outcomes[index] = outcome

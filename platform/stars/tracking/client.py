@@ -341,6 +341,19 @@ class Tracker:
                     f"{status or 'with its final tags'} ({error_line(exc)})")
             return False
 
+    def finish(self, run_id: str, *, console: Callable[[str], None] = print) -> bool:
+        """End `run_id` FINISHED unless it already is (a finished run keeps its end time), where its
+        work is known done; MLflow unreachable is one warning. True when the run changed."""
+        try:
+            if self.client.get_run(run_id).info.status == "FINISHED":
+                return False
+            self.end(run_id, "FINISHED")
+            return True
+        except Exception as exc:  # noqa: BLE001 - the client raises several types for "unreachable"
+            console(f"[stars] WARNING: MLflow at {self.uri} unreachable: run {run_id} not marked FINISHED "
+                    f"({error_line(exc)})")
+            return False
+
     def close_open_descendants(self, run_id: str, status: str, *, console: Callable[[str], None] = print) -> list[str]:
         """End with `status` every run under `run_id` (its trials, their checkpoints' eval runs) that is
         still RUNNING: what a job that stops early leaves behind, where nobody else will end them (the
